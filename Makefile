@@ -1,0 +1,46 @@
+# medexp - every target sets up what it needs; `make train` and `make test` work on a fresh clone.
+#
+# TORCH_SPEC pins the CPU build that CI and this machine use. On a GPU machine pick a CUDA build, e.g.
+#   make install TORCH_SPEC="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu126
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PIP := $(VENV)/bin/pip
+PY := $(VENV)/bin/python
+MEDEXP := $(VENV)/bin/medexp
+STAMP := $(VENV)/.installed
+
+.PHONY: help install train test lint format ui clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv/ and install medexp into it (CPU torch unless TORCH_SPEC/TORCH_INDEX say otherwise)
+
+train: $(STAMP) ## train the default model on the demo data (ARGS="kernel=mixed lr=1e-3" to override)
+	$(MEDEXP) train $(ARGS)
+
+test: $(STAMP) ## run the test suite (what CI runs)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff lint and format check
+	$(VENV)/bin/ruff check medexp tests scripts
+	$(VENV)/bin/ruff format --check medexp tests scripts
+
+format: $(STAMP) ## apply ruff formatting and safe fixes
+	$(VENV)/bin/ruff check --fix medexp tests scripts
+	$(VENV)/bin/ruff format medexp tests scripts
+
+ui: $(STAMP) ## MLflow UI on 127.0.0.1:5000 over the project's store
+	$(MEDEXP) ui
+
+clean: ## remove outputs/ (runs, mlflow.db, caches); keeps .venv/
+	rm -rf outputs multirun

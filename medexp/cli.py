@@ -1,0 +1,108 @@
+"""The `medexp` command: a typer app. Wiring only; the work lives in train.py, report.py, ...
+
+`medexp train ...` hands its arguments verbatim to a @hydra.main function (sys.argv is rewritten from
+the typer context and restored afterwards), so -m, --cfg job, --info, --help, launchers and sweepers all
+behave as in any Hydra app. Overrides are checked first (medexp.overrides) so that user errors end with
+one line and exit code 2, before any model is built or MLflow run is created.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from medexp.config import CONF_DIR, ConfigError
+from medexp.data.base import DataError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Experiment runner for medical image segmentation.")
+err_console = Console(stderr=True, highlight=False)
+
+USER_ERRORS = (ConfigError, DataError)
+
+
+@app.callback()
+def _root() -> None:
+    """medexp: compose kernel, loss, head, model and dataset from Hydra configs; train, evaluate, report."""
+
+
+def fail(command: str, err: Exception, code: int = 2) -> None:
+    """Print a user error as one line and exit with `code` (no traceback)."""
+    err_console.print(f"medexp {command}: error: {err}", markup=False)
+    raise typer.Exit(code)
+
+
+def _hydra_task(cfg) -> Any:
+    """The @hydra.main body: one job of a run or multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from medexp import train, tracking
+
+    hc = HydraConfig.get()
+    output_dir = hc.runtime.output_dir
+    multirun = hc.mode == RunMode.MULTIRUN
+    parent = tracking.read_parent(hc.sweep.dir) if multirun else None
+    job = {
+        "choices": dict(hc.runtime.choices),
+        "overrides": list(hc.overrides.task),
+        "parent_run_id": parent["run_id"] if parent else None,
+        "title": f"job {hc.job.num}" if multirun else "train",
+    }
+    status = {"job": hc.job.num if multirun else 0, "overrides": " ".join(job["overrides"])}
+    try:
+        result = train.run(cfg, output_dir, job)
+    except USER_ERRORS as err:
+        tracking.write_status(output_dir, {**status, "status": "failed", "error": str(err)})
+        if not multirun:
+            fail("train", err)
+        err_console.print(f"job {hc.job.num} failed: {err}", markup=False)
+        return None
+    except Exception as err:
+        tracking.write_status(output_dir, {**status, "status": "failed", "error": f"{type(err).__name__}: {err}"})
+        if not multirun:
+            raise
+        err_console.print(f"job {hc.job.num} failed: {type(err).__name__}: {err}", markup=False)
+        return None
+    tracking.write_status(
+        output_dir, {**status, "status": result["status"], "run_id": result["run_id"], "epoch": result.get("epoch")}
+    )
+    return result
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def train(ctx: typer.Context) -> None:
+    """Train (Hydra overrides; -m for a multirun; --help for Hydra's help)."""
+    import hydra
+
+    from medexp import overrides
+    from medexp.tracking import SweepParentRun
+
+    args = list(ctx.args)
+    try:
+        overrides.check(args)
+    except USER_ERRORS as err:
+        fail("train", err)
+    main = hydra.main(config_path=str(CONF_DIR), config_name="train", version_base=None)(_hydra_task)
+    saved = sys.argv
+    sys.argv = ["medexp train", *args]
+    try:
+        main()
+    finally:
+        sys.argv = saved
+    if SweepParentRun.failures:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Synthetic multi-label volumes for demos and tests (DESIGN 8), generated deterministically from a seed.
+
+Each case is a noisy image of nested ellipsoids and blobs whose labels have very different sizes, like the
+brain structures of Wong & Moradi Table 1a: two large structures (tens of % of the volume), a medium one
+and progressively smaller ones down to a few dozen voxels. Every class has its own mean intensity, with
+per-case contrast jitter, a smooth bias field and Gaussian noise, so the task is learnable in minutes on a
+CPU but not by thresholding alone. Cases are written once as NIfTI (imagesTr/labelsTr, dataset.json) under
+`root`, keyed by the generation settings, and read back through the same loaders as real data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medexp.data.base import DataError, DatasetInfo
+
+SIZE_NAMES = ("large", "large", "medium", "small", "tiny")
+
+
+def label_names(num_classes: int) -> list[str]:
+    """background, large1, large2, medium3, small4, tiny5, tiny6, ..."""
+    names = ["background"]
+    for k in range(1, num_classes):
+        names.append(f"{SIZE_NAMES[min(k - 1, len(SIZE_NAMES) - 1)]}{k}")
+    return names
+
+
+def _ellipsoid(grid: list[np.ndarray], centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """Boolean mask of the ellipsoid sum(((x - c) / r)^2) <= 1 over a coordinate grid."""
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True)) <= 1.0
+
+
+def make_case(rng: np.random.Generator, shape: tuple[int, ...], num_classes: int, noise: float):
+    """One synthetic (image, label) pair.
+
+    Returns:
+        image float32 array of `shape`, label uint8 array of `shape` with values 0..num_classes-1.
+    """
+    size = np.array(shape, dtype=float)
+    grid = np.meshgrid(*[np.arange(s, dtype=float) for s in shape], indexing="ij")
+    label = np.zeros(shape, dtype=np.uint8)
+    outer_c = size / 2 + rng.uniform(-0.05, 0.05, len(shape)) * size
+    outer_r = size * rng.uniform(0.36, 0.44, len(shape))
+    label[_ellipsoid(grid, outer_c, outer_r)] = 1
+    if num_classes > 2:
+        inner_r = outer_r * rng.uniform(0.55, 0.65, len(shape))
+        label[_ellipsoid(grid, outer_c + rng.uniform(-0.05, 0.05, len(shape)) * size, inner_r)] = 2
+    # Smaller structures: radii shrink geometrically from ~11% to ~5% of the volume side.
+    for k in range(3, num_classes):
+        radius = size.min() * 0.11 * 0.8 ** (k - 3) * rng.uniform(0.9, 1.1, len(shape))
+        radius = np.maximum(radius, 1.6)
+        offset = rng.uniform(-1, 1, len(shape))
+        offset *= rng.uniform(0.2, 0.6) / np.linalg.norm(offset)
+        centre = outer_c + offset * (outer_r - radius)
+        label[_ellipsoid(grid, centre, radius)] = k
+    means = np.linspace(0.25, 1.0, num_classes) * rng.uniform(0.9, 1.1)
+    means[0] = 0.0
+    means[1:] = means[1:][_class_order(num_classes - 1)]
+    bias = 1.0 + 0.1 * sum(np.sin(g / s * np.pi * rng.uniform(0.5, 1.5)) for g, s in zip(grid, size, strict=True))
+    image = means[label] * bias + rng.normal(0.0, noise, shape)
+    return image.astype(np.float32), label
+
+
+def _class_order(n: int) -> np.ndarray:
+    """A fixed interleaving of intensities so that neighbouring structures differ in contrast."""
+    return np.argsort(np.arange(n) * 7 % max(n, 1), kind="stable")
+
+
+class DemoDataset:
+    """Synthetic dataset, written as NIfTI under root/demo-<key>/ on first use.
+
+    Args:
+        root: folder for generated data (one sub-folder per setting).
+        num_cases: number of cases.
+        num_classes: classes including background (>= 2).
+        shape: spatial shape, 2 or 3 sizes.
+        spatial_dims: 2 or 3; must match len(shape).
+        noise: standard deviation of the Gaussian noise (class means lie in [0.25, 1]).
+        seed: generation seed (independent of the training seed).
+    """
+
+    def __init__(
+        self,
+        root: str = "outputs/data",
+        num_cases: int = 20,
+        num_classes: int = 6,
+        shape: list[int] = (32, 32, 32),
+        spatial_dims: int = 3,
+        noise: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        shape = [int(s) for s in shape]
+        if len(shape) != spatial_dims:
+            raise DataError(f"dataset.shape {shape} has {len(shape)} sizes but dataset.spatial_dims={spatial_dims}")
+        if num_classes < 2:
+            raise DataError(f"dataset.num_classes must be >= 2, got {num_classes}")
+        if min(shape) < 8:
+            raise DataError(f"dataset.shape {shape}: every size must be >= 8")
+        self.settings = dict(num_cases=num_cases, num_classes=num_classes, shape=shape, noise=noise, seed=seed)
+        key = hashlib.sha1(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:10]
+        self.folder = Path(root) / f"demo{spatial_dims}d-{key}"
+        self.info = DatasetInfo(
+            name=f"demo{spatial_dims}d",
+            num_classes=num_classes,
+            label_names=label_names(num_classes),
+            in_channels=1,
+            spatial_dims=spatial_dims,
+            shape=shape,
+            root=str(self.folder),
+        )
+
+    def prepare(self) -> list[dict]:
+        """Generate the cases if they are not on disk yet; return [{"id", "image", "label"}]."""
+        manifest = self.folder / "dataset.json"
+        if not manifest.exists():
+            self._generate()
+        entries = json.loads(manifest.read_text())["training"]
+        return [{"id": Path(e["label"]).name.split(".")[0], **{k: str(self.folder / e[k]) for k in e}} for e in entries]
+
+    def _generate(self) -> None:
+        for sub in ("imagesTr", "labelsTr"):
+            (self.folder / sub).mkdir(parents=True, exist_ok=True)
+        affine = np.eye(4)
+        entries = []
+        for i in range(self.settings["num_cases"]):
+            rng = np.random.default_rng([self.settings["seed"], i])
+            image, label = make_case(
+                rng, tuple(self.settings["shape"]), self.settings["num_classes"], self.settings["noise"]
+            )
+            name = f"case_{i:03d}.nii.gz"
+            nib.save(nib.Nifti1Image(image, affine), self.folder / "imagesTr" / name)
+            nib.save(nib.Nifti1Image(label, affine), self.folder / "labelsTr" / name)
+            entries.append({"image": f"imagesTr/{name}", "label": f"labelsTr/{name}"})
+        manifest = {
+            "name": self.info.name,
+            "labels": {str(k): n for k, n in enumerate(self.info.label_names)},
+            "modality": {"0": "synthetic"},
+            "training": entries,
+            "settings": self.settings,
+        }
+        tmp = self.folder / "dataset.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1))
+        tmp.replace(self.folder / "dataset.json")  # written last and atomically: a half-made folder is redone

@@ -1,0 +1,1 @@
+"""Layers and networks. Every module here takes plain keyword arguments (no DictConfig)."""

@@ -1,0 +1,260 @@
+"""Fully trainable Gabor-based convolutions (Wong & Moradi, MLMI 2022, eq. 2), written by hand.
+
+No library ships this layer (neither MONAI nor torchvision nor kornia has a Gabor convolution whose
+parameters are all trained by backpropagation), so the kernel construction and the layers are written here.
+
+Every (out, in) channel pair of a convolution owns a handful of scalars and its kernel is generated from
+them on every forward pass, so the number of trainable parameters does not depend on the kernel size:
+
+    G(x) = exp(-|x|^2 / (2 sigma^2)) * (a_re cos(2 pi f_re x' + psi) + a_im sin(2 pi f_im x' + psi))   (eq. 2)
+
+3D: x' = cos(theta_y) cos(theta_z) x - cos(theta_y) sin(theta_z) y + sin(theta_y) z, the first component of
+R x with R = Rx(theta_x) Ry(theta_y) Rz(theta_z) (theta_x drops out because the envelope is isotropic);
+8 parameters per pair {sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi}.
+2D: x' = x cos(theta) + y sin(theta); 7 parameters per pair {sigma, theta, a_re, a_im, f_re, f_im, psi}.
+
+Axis convention (DESIGN 5): x, y, z are integer voxel offsets from the kernel centre along the last (W),
+middle (H) and first (D) spatial axes of the weight tensor (cout, cin, D, H, W); in 2D x runs along W and
+y along H of (cout, cin, H, W).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IMPLS = ("auto", "direct", "fft")
+SIGMA_MIN = 1e-2  # floor on the softplus-reparametrised sigma: keeps 1 / sigma^2 finite
+
+
+def _offsets(size: int, like: Tensor) -> Tensor:
+    """Integer offsets from the kernel centre, e.g. size 7 -> [-3, ..., 3], on like's device and dtype."""
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"Gabor kernel size must be a positive odd integer, got {size}")
+    half = size // 2
+    return torch.arange(-half, half + 1, device=like.device, dtype=like.dtype)
+
+
+def _check_pair_params(params: dict[str, Tensor]) -> None:
+    shapes = {name: tuple(p.shape) for name, p in params.items()}
+    if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 2:
+        raise ValueError(f"Gabor parameters must all be (cout, cin) tensors of one shape, got {shapes}")
+
+
+def _sinusoid(xp: Tensor, a_re, a_im, f_re, f_im, psi) -> Tensor:
+    """a_re cos(2 pi f_re x' + psi) + a_im sin(2 pi f_im x' + psi): the sinusoidal factor of eq. 2."""
+    return a_re * torch.cos(2 * math.pi * f_re * xp + psi) + a_im * torch.sin(2 * math.pi * f_im * xp + psi)
+
+
+def gabor_kernel3d(
+    sigma: Tensor,
+    theta_y: Tensor,
+    theta_z: Tensor,
+    a_re: Tensor,
+    a_im: Tensor,
+    f_re: Tensor,
+    f_im: Tensor,
+    psi: Tensor,
+    size: int,
+) -> Tensor:
+    """3D Gabor-based kernels of Wong & Moradi eq. 2, one per (out, in) channel pair.
+
+    Args:
+        sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi: (cout, cin) tensors; sigma is used as given
+            (positive), angles in radians, frequencies in cycles per voxel.
+        size: odd kernel size k; offsets run from -(k // 2) to k // 2 along every axis.
+
+    Returns:
+        (cout, cin, k, k, k) kernels; axis 2 is z (D), axis 3 is y (H), axis 4 is x (W).
+    """
+    params = dict(
+        sigma=sigma, theta_y=theta_y, theta_z=theta_z, a_re=a_re, a_im=a_im, f_re=f_re, f_im=f_im, psi=psi
+    )
+    _check_pair_params(params)
+    r = _offsets(size, sigma)
+    x = r.view(1, 1, 1, 1, size)  # along W
+    y = r.view(1, 1, 1, size, 1)  # along H
+    z = r.view(1, 1, size, 1, 1)  # along D
+    # Every parameter (cout, cin) -> (cout, cin, 1, 1, 1) so it broadcasts against the offset grid.
+    p = {name: t[..., None, None, None] for name, t in params.items()}
+    cos_y = torch.cos(p["theta_y"])
+    xp = (
+        cos_y * torch.cos(p["theta_z"]) * x
+        - cos_y * torch.sin(p["theta_z"]) * y
+        + torch.sin(p["theta_y"]) * z
+    )
+    envelope = torch.exp(-(x * x + y * y + z * z) / (2 * p["sigma"] ** 2))  # (cout, cin, k, k, k)
+    return envelope * _sinusoid(xp, p["a_re"], p["a_im"], p["f_re"], p["f_im"], p["psi"])
+
+
+def gabor_kernel2d(
+    sigma: Tensor,
+    theta: Tensor,
+    a_re: Tensor,
+    a_im: Tensor,
+    f_re: Tensor,
+    f_im: Tensor,
+    psi: Tensor,
+    size: int,
+) -> Tensor:
+    """2D variant of eq. 2 with x' = x cos(theta) + y sin(theta).
+
+    Args:
+        sigma, theta, a_re, a_im, f_re, f_im, psi: (cout, cin) tensors, as in `gabor_kernel3d`.
+        size: odd kernel size k.
+
+    Returns:
+        (cout, cin, k, k) kernels; axis 2 is y (H), axis 3 is x (W).
+    """
+    params = dict(sigma=sigma, theta=theta, a_re=a_re, a_im=a_im, f_re=f_re, f_im=f_im, psi=psi)
+    _check_pair_params(params)
+    r = _offsets(size, sigma)
+    x = r.view(1, 1, 1, size)  # along W
+    y = r.view(1, 1, size, 1)  # along H
+    p = {name: t[..., None, None] for name, t in params.items()}  # (cout, cin) -> (cout, cin, 1, 1)
+    xp = x * torch.cos(p["theta"]) + y * torch.sin(p["theta"])
+    envelope = torch.exp(-(x * x + y * y) / (2 * p["sigma"] ** 2))  # (cout, cin, k, k)
+    return envelope * _sinusoid(xp, p["a_re"], p["a_im"], p["f_re"], p["f_im"], p["psi"])
+
+
+class _GaborConvNd(nn.Module):
+    """Shared machinery of GaborConv2d / GaborConv3d: parameters, initialisation, 'same' convolution."""
+
+    spatial_dims: int
+    angle_names: tuple[str, ...]
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 7, bias: bool = True, impl: str = "auto"
+    ) -> None:
+        super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"Gabor impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"Gabor kernel_size must be a positive odd integer, got {kernel_size}")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size, self.impl = int(kernel_size), impl
+        shape = (self.out_channels, self.in_channels)
+        # sigma is stored through softplus (sigma = softplus(sigma_raw) + SIGMA_MIN), so it stays positive.
+        names = ("sigma_raw", *self.angle_names, "a_re", "a_im", "f_re", "f_im", "psi")
+        for name in names:
+            self.register_parameter(name, nn.Parameter(torch.empty(shape)))
+        self.bias = nn.Parameter(torch.empty(self.out_channels)) if bias else None
+        self.reset_parameters()
+
+    @property
+    def sigma(self) -> Tensor:
+        """The Gaussian width actually used, (cout, cin)."""
+        return F.softplus(self.sigma_raw) + SIGMA_MIN
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialisation that trains (the paper leaves it open).
+
+        - Orientations spread uniformly over directions (see `_init_angles`), so a layer starts with
+          filters looking every way instead of all along one axis.
+        - Frequencies uniform in [0, 0.3] cycles/voxel: from envelope-only (blob) filters at 0 to ~3-voxel
+          periods, safely below the Nyquist limit of 0.5 where the sampled sinusoid aliases. psi uniform.
+        - sigma uniform in [k/4, k/2]: the envelope spans most of the k-voxel support without being cut
+          off to a box (for k = 7: 1.75 to 3.5 voxels).
+        - Amplitudes a_re, a_im ~ N(0, s^2) per pair with s chosen so that the expected squared norm of the
+          generated kernel equals that of nn.Conv{2,3}d's default (Kaiming-uniform, a = sqrt(5)) weights,
+          whose entries have variance 1 / (3 fan_in): E[sum G^2] = s^2 sum_x g(x)^2 (the cos^2 and sin^2
+          factors average to 1/2 each), so s^2 = 1 / (3 cin sum_x g(x)^2). A unit-variance input then gives
+          an output variance ~ 1/3, as for the conventional kernels of the same network, so mixed models
+          start with matched activation scales and GroupNorm sees comparable statistics.
+        - Bias as nn.Conv: uniform in +-1 / sqrt(fan_in), fan_in = cin * k^d.
+        """
+        k = self.kernel_size
+        sigma = torch.empty_like(self.sigma_raw).uniform_(k / 4, k / 2)
+        self.sigma_raw.copy_(torch.log(torch.expm1(sigma - SIGMA_MIN)))  # inverse of softplus(.) + SIGMA_MIN
+        self._init_angles()
+        for f in (self.f_re, self.f_im):
+            f.uniform_(0.0, 0.3)
+        self.psi.uniform_(-math.pi, math.pi)
+        r = _offsets(k, sigma)
+        r2 = sum(t**2 for t in torch.meshgrid(*[r] * self.spatial_dims, indexing="ij"))  # (k,)*d, |x|^2
+        # sum_x g(x)^2 = sum_x exp(-|x|^2 / sigma^2) per pair: (cout, cin, k^d) summed -> (cout, cin)
+        energy = torch.exp(-r2.reshape(1, 1, -1) / sigma[..., None] ** 2).sum(-1)
+        std = 1.0 / torch.sqrt(3.0 * self.in_channels * energy)
+        for a in (self.a_re, self.a_im):
+            a.copy_(torch.randn_like(a) * std)
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_channels * k**self.spatial_dims)
+            self.bias.uniform_(-bound, bound)
+
+    def _init_angles(self) -> None:
+        raise NotImplementedError
+
+    def kernel(self) -> Tensor:
+        """The generated weight, (cout, cin, k, ..., k)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        """'Same'-padded, stride-1 convolution with the generated kernel: (B, cin, *S) -> (B, cout, *S)."""
+        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects input (B, {self.in_channels}, *spatial) with "
+                f"{self.spatial_dims} spatial dims, got shape {tuple(x.shape)}"
+            )
+        # impl "auto" and "fft" run the direct convolution for now; an FFT path can slot in here.
+        conv = F.conv3d if self.spatial_dims == 3 else F.conv2d
+        return conv(x, self.kernel(), self.bias, padding=self.kernel_size // 2)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"bias={self.bias is not None}, impl={self.impl!r}"
+        )
+
+
+class GaborConv3d(_GaborConvNd):
+    """Drop-in for nn.Conv3d(cin, cout, k, padding=k // 2) with Gabor-based kernels (eq. 2).
+
+    8 trainable parameters per (out, in) pair {sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi}, each
+    stored as a (cout, cin) tensor, plus one bias per output channel: 8 cin cout + cout in total.
+
+    Args:
+        in_channels, out_channels: channel counts.
+        kernel_size: odd size k of the generated k^3 kernel (7 in the paper).
+        bias: add a learnable bias per output channel.
+        impl: "auto", "direct" or "fft"; all currently compute the direct convolution.
+    """
+
+    spatial_dims = 3
+    angle_names = ("theta_y", "theta_z")
+
+    def _init_angles(self) -> None:
+        # x' = u . (x, y, z) with u = (cos ty cos tz, -cos ty sin tz, sin ty), a unit vector; sin(theta_y)
+        # uniform in [-1, 1] and theta_z uniform in [-pi, pi) make u uniform on the sphere.
+        self.theta_y.copy_(torch.asin(torch.empty_like(self.theta_y).uniform_(-1.0, 1.0)))
+        self.theta_z.uniform_(-math.pi, math.pi)
+
+    def kernel(self) -> Tensor:
+        return gabor_kernel3d(
+            self.sigma, self.theta_y, self.theta_z, self.a_re, self.a_im, self.f_re, self.f_im, self.psi,
+            self.kernel_size,
+        )  # fmt: skip
+
+
+class GaborConv2d(_GaborConvNd):
+    """Drop-in for nn.Conv2d(cin, cout, k, padding=k // 2) with 2D Gabor-based kernels.
+
+    7 trainable parameters per (out, in) pair {sigma, theta, a_re, a_im, f_re, f_im, psi}, each a (cout, cin)
+    tensor, plus one bias per output channel: 7 cin cout + cout in total. Arguments as `GaborConv3d`.
+    """
+
+    spatial_dims = 2
+    angle_names = ("theta",)
+
+    def _init_angles(self) -> None:
+        self.theta.uniform_(
+            -math.pi, math.pi
+        )  # x' = u . (x, y), u = (cos theta, sin theta): uniform directions
+
+    def kernel(self) -> Tensor:
+        return gabor_kernel2d(
+            self.sigma, self.theta, self.a_re, self.a_im, self.f_re, self.f_im, self.psi, self.kernel_size
+        )

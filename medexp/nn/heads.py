@@ -1,0 +1,202 @@
+"""Segmentation heads: map backbone features (B, C, *spatial) to class scores (B, K, *spatial).
+
+`plain` is the 1x1(x1) convolution of Wong & Moradi. Every head is built as
+`head(in_channels=C, num_classes=K, spatial_dims=2|3)`, so the `head` config group is a partial.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from medexp.nn.conv import conv_nd
+
+
+class PlainHead(nn.Module):
+    """s_v = W x_v + b at every position v: a 1x1(x1) convolution with bias (translation-equivariant)."""
+
+    def __init__(self, in_channels: int, num_classes: int, spatial_dims: int = 3) -> None:
+        super().__init__()
+        self.conv = conv_nd(spatial_dims)(in_channels, num_classes, kernel_size=1, bias=True)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.conv(features)  # (B, K, *spatial)
+
+
+# --- NeRD heads (Zhang et al., "NeRD: Neural Representation of Distribution for Medical Image Segmentation")
+#
+# The paper gives the idea (eqs. 4-5 and the pixel-aligned classifier of its Sec. 2.2) but no MLP depth,
+# width or initialisation, and its code is not available to us; the choices below are ours, stated where made.
+
+DEFAULT_HIDDEN = (64, 64)  # our choice: a smooth function of 4 or 6 coordinates needs little capacity
+
+
+def border_distances(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Position vectors v: the distance of every position to every image border, normalised to [0, 1].
+
+    Order of the components (NeRD Sec. 2.1 for 2D): 2D (top, right, bottom, left) for an (H, W) grid;
+    3D (front, back, top, right, bottom, left) for a (D, H, W) grid, front/back being the first and last
+    slice along D. Position i along an axis of size n is at distance i / (n - 1) from the start border and
+    (n - 1 - i) / (n - 1) from the end border (0 for both when n == 1). Cached per shape/device/dtype;
+    treat the result as read-only.
+
+    Args:
+        shape: spatial shape (H, W) or (D, H, W).
+
+    Returns:
+        (P, 2 * len(shape)) tensor, P = prod(shape), positions in row-major (C) order like Tensor.flatten.
+    """
+    if len(shape) not in (2, 3):
+        raise ValueError(f"border_distances needs a 2D or 3D spatial shape, got {shape}")
+    # Inference-mode tensors cannot enter autograd later, so they get their own cache entries.
+    return _border_distances(tuple(int(n) for n in shape), device, dtype, torch.is_inference_mode_enabled())
+
+
+@functools.lru_cache(maxsize=16)
+def _border_distances(
+    shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, inference: bool
+) -> Tensor:
+    index = [torch.arange(n, device=device, dtype=dtype) for n in shape]
+    grids = torch.meshgrid(*index, indexing="ij")  # each (*shape): the index along one axis
+    # per axis: (distance to the start border, distance to the end border), each (P,)
+    start_end = [
+        (g.reshape(-1) / max(n - 1, 1), (n - 1 - g.reshape(-1)) / max(n - 1, 1))
+        for g, n in zip(grids, shape, strict=True)
+    ]
+    *depth, (top, bottom), (left, right) = start_end
+    parts = [*(depth[0] if depth else ()), top, right, bottom, left]  # 3D: front, back first
+    return torch.stack(parts, dim=1)  # (P, 2 * len(shape))
+
+
+def _mlp(in_features: int, hidden: Sequence[int], out_features: int) -> nn.Sequential:
+    """Linear-ReLU stack; the last Linear is returned un-activated and initialised by the caller."""
+    widths = [in_features, *hidden]
+    layers: list[nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers, nn.Linear(widths[-1], out_features))
+
+
+def _check_features(head: nn.Module, features: Tensor) -> None:
+    if features.dim() != head.spatial_dims + 2 or features.shape[1] != head.in_channels:
+        raise ValueError(
+            f"{type(head).__name__} expects features (B, {head.in_channels}, *spatial) with "
+            f"{head.spatial_dims} spatial dims, got shape {tuple(features.shape)}"
+        )
+
+
+class _NeRDHead(nn.Module):
+    """Common part of the NeRD heads: the position MLP f(v) and the input contract."""
+
+    def __init__(self, in_channels: int, num_classes: int, spatial_dims: int, hidden: Sequence[int]) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        self.in_channels, self.num_classes, self.spatial_dims = in_channels, num_classes, spatial_dims
+        self.hidden = tuple(int(h) for h in hidden)
+
+    def positions(self, features: Tensor) -> Tensor:
+        """(P, 2 * spatial_dims) border distances of the feature map's positions."""
+        return border_distances(tuple(features.shape[2:]), features.device, features.dtype)
+
+
+class NeRDmHead(_NeRDHead):
+    """NeRDm: per-position feature normalisation predicted from the position, then a shared classifier.
+
+    s_v = W (x_v * 1/sigma(v) + (-mu(v)/sigma(v)))   (NeRD eq. 5), W: (K, C) shared, no bias;
+    f(v) -> (1/sigma(v), -mu(v)/sigma(v)), each C values, is an MLP of the border distances v.
+
+    Initialisation (ours): the MLP's last layer has zero weights and bias (1, ..., 1, 0, ..., 0), so at start
+    1/sigma = 1 and -mu/sigma = 0 everywhere and the head is exactly the plain 1x1 classifier without bias;
+    the position dependence is learnt from there.
+
+    Args:
+        in_channels: C, backbone feature channels.
+        num_classes: K.
+        spatial_dims: 2 or 3.
+        hidden: widths of the MLP's hidden layers.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        spatial_dims: int = 3,
+        hidden: Sequence[int] = DEFAULT_HIDDEN,
+    ) -> None:
+        super().__init__(in_channels, num_classes, spatial_dims, hidden)
+        self.mlp = _mlp(2 * spatial_dims, self.hidden, 2 * in_channels)
+        self.classifier = conv_nd(spatial_dims)(in_channels, num_classes, kernel_size=1, bias=False)
+        last = self.mlp[-1]
+        nn.init.zeros_(last.weight)
+        with torch.no_grad():
+            last.bias.copy_(torch.cat([torch.ones(in_channels), torch.zeros(in_channels)]))
+
+    def forward(self, features: Tensor) -> Tensor:
+        """(B, C, *spatial) features -> (B, K, *spatial) scores (logits)."""
+        _check_features(self, features)
+        spatial = features.shape[2:]
+        stats = self.mlp(self.positions(features))  # (P, 2C)
+        # (P, 2C) -> (2C, P) -> (2C, *spatial): broadcasts over the batch
+        stats = stats.transpose(0, 1).reshape(2 * self.in_channels, *spatial)
+        inv_sigma, neg_mu_over_sigma = stats.chunk(2, dim=0)  # each (C, *spatial)
+        return self.classifier(features * inv_sigma + neg_mu_over_sigma)  # (B, K, *spatial)
+
+
+class NeRDcHead(_NeRDHead):
+    """NeRDc: a per-position linear classifier W_v (K x C) predicted by an MLP of the position.
+
+    s_v = W_v x_v with W_v = f(v)  (NeRD Sec. 2.2, "pixel-aligned classifier"), no bias.
+
+    Computation: with h_v the last hidden activation of f (J values) and the last layer W_v = A h_v + b
+    (A: (K, C, J), b: (K, C)), s_v = sum_j h_v[j] (A[:, :, j] x_v) + b x_v. The first term is a 1x1 conv to
+    K*J channels weighted by h_v, so the largest intermediate is (B, K, J, P) instead of the (P, K, C) stack
+    of per-position matrices W_v; all terms are evaluated with einsum.
+
+    Initialisation (ours): A = 0 and b = a default nn.Conv 1x1 weight, so the head starts as the plain
+    classifier without bias and learns the position dependence from there.
+
+    Args:
+        in_channels: C, backbone feature channels.
+        num_classes: K.
+        spatial_dims: 2 or 3.
+        hidden: widths of the MLP's hidden layers (at least one; the last one is J).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        spatial_dims: int = 3,
+        hidden: Sequence[int] = DEFAULT_HIDDEN,
+    ) -> None:
+        super().__init__(in_channels, num_classes, spatial_dims, hidden)
+        if not self.hidden:
+            raise ValueError("NeRDcHead needs at least one hidden layer, got hidden=()")
+        self.mlp = _mlp(2 * spatial_dims, self.hidden, num_classes * in_channels)
+        last = self.mlp[-1]
+        nn.init.zeros_(last.weight)
+        plain = conv_nd(spatial_dims)(
+            in_channels, num_classes, kernel_size=1, bias=False
+        ).weight  # (K, C, 1..)
+        with torch.no_grad():
+            last.bias.copy_(plain.reshape(-1))  # (K, C, 1, ...) -> (K*C,), row-major like the MLP output
+
+    def forward(self, features: Tensor) -> Tensor:
+        """(B, C, *spatial) features -> (B, K, *spatial) scores (logits)."""
+        _check_features(self, features)
+        b, c, *spatial = features.shape
+        k, j = self.num_classes, self.hidden[-1]
+        hidden = self.mlp[:-1](self.positions(features))  # (P, J)
+        last = self.mlp[-1]
+        a = last.weight.reshape(k, c, j)  # (K*C, J) -> (K, C, J)
+        w0 = last.bias.reshape(k, c)  # (K*C,) -> (K, C)
+        x = features.reshape(b, c, -1)  # (B, C, *spatial) -> (B, C, P)
+        projected = torch.einsum("kcj,bcp->bkjp", a, x)  # (B, K, J, P)
+        scores = torch.einsum("bkjp,pj->bkp", projected, hidden) + torch.einsum(
+            "kc,bcp->bkp", w0, x
+        )  # (B, K, P)
+        return scores.reshape(b, k, *spatial)  # (B, K, P) -> (B, K, *spatial)
