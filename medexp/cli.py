@@ -12,13 +12,11 @@ import sys
 from typing import Any
 
 import typer
-from rich.console import Console
 
 from medexp.config import CONF_DIR, ConfigError
 from medexp.data.base import DataError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Experiment runner for medical image segmentation.")
-err_console = Console(stderr=True, highlight=False)
 
 USER_ERRORS = (ConfigError, DataError)
 
@@ -30,7 +28,7 @@ def _root() -> None:
 
 def fail(command: str, err: Exception, code: int = 2) -> None:
     """Print a user error as one line and exit with `code` (no traceback)."""
-    err_console.print(f"medexp {command}: error: {err}", markup=False)
+    print(f"medexp {command}: error: {err}", file=sys.stderr)  # plain print: rich would wrap the line
     raise typer.Exit(code)
 
 
@@ -58,13 +56,13 @@ def _hydra_task(cfg) -> Any:
         tracking.write_status(output_dir, {**status, "status": "failed", "error": str(err)})
         if not multirun:
             fail("train", err)
-        err_console.print(f"job {hc.job.num} failed: {err}", markup=False)
+        print(f"job {hc.job.num} failed: {err}", file=sys.stderr)
         return None
     except Exception as err:
         tracking.write_status(output_dir, {**status, "status": "failed", "error": f"{type(err).__name__}: {err}"})
         if not multirun:
             raise
-        err_console.print(f"job {hc.job.num} failed: {type(err).__name__}: {err}", markup=False)
+        print(f"job {hc.job.num} failed: {type(err).__name__}: {err}", file=sys.stderr)
         return None
     tracking.write_status(
         output_dir, {**status, "status": result["status"], "run_id": result["run_id"], "epoch": result.get("epoch")}
@@ -106,3 +104,35 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def params(
+    ctx: typer.Context,
+    num_classes: int = typer.Option(20, help="Output classes incl. background (paper: 19 labels + background)."),
+    in_channels: int = typer.Option(1, help="Image channels (paper: 1, T1 MRI)."),
+    from_dataset: bool = typer.Option(False, "--from-dataset", help="Take classes and channels from the dataset."),
+) -> None:
+    """Parameter table of the composed model (overrides as for train); last line `parameters: N`."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from medexp import build, config, model_summary, overrides
+
+    try:
+        cfg = overrides.compose_config(list(ctx.args))
+        config.validate(cfg)
+        dims = cfg.dataset.get("spatial_dims", 3)
+        if from_dataset:
+            info = build.build_dataset(cfg).info
+            num_classes, in_channels, dims = info.num_classes, info.in_channels, info.spatial_dims
+        model = build.build_model(cfg, in_channels, num_classes, dims)
+    except USER_ERRORS as err:
+        fail("params", err)
+    table = Table(title=f"{cfg.model._target_.rsplit('.', 1)[-1]}: kernel={cfg.kernel.kind}, {dims}D")
+    for column in ("block", "kernel", "parameters"):
+        table.add_column(column, justify="right" if column == "parameters" else "left")
+    for name, kind, n in model_summary.block_table(model):
+        table.add_row(name, kind, f"{n:,}")
+    Console().print(table)
+    print(f"parameters: {model_summary.count(model)}")

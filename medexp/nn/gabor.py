@@ -233,10 +233,10 @@ class GaborConv3d(_GaborConvNd):
         self.theta_z.uniform_(-math.pi, math.pi)
 
     def kernel(self) -> Tensor:
+        angles = (self.theta_y, self.theta_z)
         return gabor_kernel3d(
-            self.sigma, self.theta_y, self.theta_z, self.a_re, self.a_im, self.f_re, self.f_im, self.psi,
-            self.kernel_size,
-        )  # fmt: skip
+            self.sigma, *angles, self.a_re, self.a_im, self.f_re, self.f_im, self.psi, self.kernel_size
+        )
 
 
 class GaborConv2d(_GaborConvNd):
@@ -250,9 +250,8 @@ class GaborConv2d(_GaborConvNd):
     angle_names = ("theta",)
 
     def _init_angles(self) -> None:
-        self.theta.uniform_(
-            -math.pi, math.pi
-        )  # x' = u . (x, y), u = (cos theta, sin theta): uniform directions
+        # x' = u . (x, y) with u = (cos theta, sin theta): theta uniform gives uniform directions.
+        self.theta.uniform_(-math.pi, math.pi)
 
     def kernel(self) -> Tensor:
         return gabor_kernel2d(

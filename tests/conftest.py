@@ -1,0 +1,41 @@
+"""Shared fixtures: run the real `medexp` CLI in a scratch folder with its own MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = [
+    "dataset.shape=[16,16,16]",
+    "dataset.num_cases=8",
+    "trainer.max_epochs=2",
+    "trainer.progress=false",
+]
+
+
+def run_medexp(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None):
+    """`medexp ARGS` in a subprocess (the installed entry point's module), capturing output."""
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "medexp.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
+
+
+def store_uri(cwd: Path) -> str:
+    return f"sqlite:///{(cwd / 'outputs' / 'mlflow.db').resolve()}"
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    """One scratch folder (and MLflow store) shared by the end-to-end tests of a session."""
+    return tmp_path_factory.mktemp("medexp-e2e")

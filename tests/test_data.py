@@ -1,0 +1,58 @@
+"""Demo data and splits (DESIGN 8)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from medexp.data.base import DataError
+from medexp.data.demo import DemoDataset, make_case
+from medexp.data.splits import load_or_make_splits, make_splits, part_sizes, select
+
+
+def test_demo_case_is_deterministic_and_has_very_different_label_sizes():
+    a = make_case(np.random.default_rng([0, 3]), (32, 32, 32), 6, 0.1)
+    b = make_case(np.random.default_rng([0, 3]), (32, 32, 32), 6, 0.1)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    fractions = np.bincount(a[1].ravel(), minlength=6) / a[1].size
+    assert (fractions > 0).all(), "every label is present"
+    assert fractions[1] > 0.1, "a large structure (>10% of the volume)"
+    assert fractions[5] < 0.005, "a tiny structure (<0.5% of the volume)"
+    assert fractions[1] / fractions[5] > 50
+
+
+def test_demo_dataset_writes_nifti_once(tmp_path):
+    ds = DemoDataset(root=str(tmp_path), num_cases=4, num_classes=3, shape=[16, 16, 16])
+    cases = ds.prepare()
+    assert [c["id"] for c in cases] == ["case_000", "case_001", "case_002", "case_003"]
+    stamp = (ds.folder / "dataset.json").stat().st_mtime_ns
+    assert DemoDataset(root=str(tmp_path), num_cases=4, num_classes=3, shape=[16, 16, 16]).prepare() == cases
+    assert (ds.folder / "dataset.json").stat().st_mtime_ns == stamp
+    assert json.loads((ds.folder / "dataset.json").read_text())["labels"]["0"] == "background"
+
+
+@pytest.mark.parametrize(("n", "sizes"), [(20, (12, 2, 6)), (10, (6, 1, 3)), (8, (5, 1, 2)), (3, (1, 1, 1))])
+def test_part_sizes_60_10_30_with_at_least_one_each(n, sizes):
+    assert part_sizes(n) == sizes
+
+
+def test_too_few_cases_is_a_clear_error():
+    with pytest.raises(DataError, match="2 case"):
+        part_sizes(2)
+
+
+def test_splits_are_disjoint_deterministic_and_saved(tmp_path):
+    ids = [f"c{i}" for i in range(10)]
+    splits = make_splits(ids, n_splits=5, seed=0)
+    assert splits == make_splits(list(reversed(ids)), n_splits=5, seed=0)
+    assert len({tuple(s["test"]) for s in splits}) > 1, "different shuffles"
+    for s in splits:
+        assert sorted(s["train"] + s["val"] + s["test"]) == sorted(ids)
+    assert load_or_make_splits(tmp_path, ids) == splits
+    saved = next(tmp_path.glob("splits-*.json"))
+    assert json.loads(saved.read_text())["splits"] == splits
+    cases = [{"id": i} for i in ids]
+    assert [c["id"] for c in select(cases, splits, 2)["val"]] == splits[2]["val"]
+    with pytest.raises(DataError, match="split=7.*0..4"):
+        select(cases, splits, 7)

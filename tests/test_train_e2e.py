@@ -1,0 +1,73 @@
+"""End-to-end CPU runs of the real CLI against a real MLflow sqlite store."""
+
+import csv
+from pathlib import Path
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY, run_medexp, store_uri
+from medexp import checkpoint
+
+
+def test_single_run_logs_params_metrics_and_artifacts(workdir: Path):
+    result = run_medexp(["train", *TINY, "experiment_name=e2e"], cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(store_uri(workdir))
+    exp = client.get_experiment_by_name("e2e")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.info.run_id in result.stdout, "summary table names the run id"
+    # params: the flattened resolved config
+    assert run.data.params["trainer.max_epochs"] == "2"
+    assert run.data.params["loss._target_"] == "medexp.losses.PCCLoss"
+    assert run.data.params["model.num_parameters"] == str(
+        4_989_812 - (180 * 20 + 20) + (180 * 6 + 6)
+    ), "the paper's network with a 6-class plain head"
+    # tags
+    tags = run.data.tags
+    assert (tags["kernel"], tags["loss"], tags["head"], tags["model"], tags["split"]) == (
+        "conventional", "pcc", "plain", "wong2022", "0",
+    )
+    assert tags["lr"] == "0.001" and tags["diverged"] == "false"
+    # metrics: one train/loss and val/dice_mean per epoch, test metrics at the end
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history] == [1, 2]
+    assert len(client.get_metric_history(run.info.run_id, "val/dice_mean")) == 2
+    names = ["large1", "large2", "medium3", "small4", "tiny5"]
+    per_label = [run.data.metrics[f"test/dice/{n}"] for n in names]
+    assert all(0.0 <= v <= 1.0 for v in per_label)
+    assert abs(run.data.metrics["test/dice_mean"] - sum(per_label) / 5) < 1e-6, "mean over foreground labels"
+    # artifacts: resolved config, per-case CSV, best checkpoint
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "test_metrics.csv", "checkpoints"} <= artifacts
+    local = Path(client.download_artifacts(run.info.run_id, "test_metrics.csv", str(workdir / "dl")))
+    rows = list(csv.DictReader(local.open()))
+    assert len(rows) == 2 * 5, "2 test cases x 5 foreground labels"
+    csv_mean = sum(float(r["dice"]) for r in rows) / len(rows)
+    assert abs(csv_mean - run.data.metrics["test/dice_mean"]) < 1e-4
+    # checkpoint: loads with weights_only and carries the run id and config
+    ckpt = checkpoint.load(Path(tags["medexp.output_dir"]) / "checkpoints" / "best.pt")
+    assert ckpt["run_id"] == run.info.run_id and "trainer" in ckpt["config"]
+    assert isinstance(ckpt["model"]["head.conv.weight"], torch.Tensor)
+
+
+def test_multirun_makes_four_child_runs_under_one_parent(workdir: Path):
+    args = ["train", "-m", "loss=pcc,dice", "lr=1e-3,1e-2", *TINY, "trainer.max_epochs=1", "experiment_name=sweep"]
+    result = run_medexp(args, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(store_uri(workdir))
+    exp = client.get_experiment_by_name("sweep")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 4
+    parent_id = parents[0].info.run_id
+    assert parents[0].info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent_id}
+    assert {r.data.tags["sweep_id"] for r in children} == {parent_id}
+    assert all(r.info.status == "FINISHED" for r in children)
+    combos = {(r.data.tags["loss"], r.data.params["lr"]) for r in children}
+    assert combos == {("pcc", "0.001"), ("pcc", "0.01"), ("dice", "0.001"), ("dice", "0.01")}
+    targets = {r.data.tags["loss"]: r.data.params["loss._target_"] for r in children}
+    assert targets == {"pcc": "medexp.losses.PCCLoss", "dice": "monai.losses.DiceLoss"}

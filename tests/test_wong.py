@@ -1,0 +1,35 @@
+"""The paper's network (DESIGN 4): parameter counts of Wong & Moradi and the input contract."""
+
+import pytest
+import torch
+
+from medexp.nn.conv import KernelFactory
+from medexp.nn.wong import WongNet
+
+
+def count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize(("conv_size", "expected"), [(3, 4_989_812), (5, 22_842_668)])
+def test_conventional_parameter_counts_match_paper(conv_size, expected):
+    # Paper: 4.99M (3^3) and 22.84M (5^3), 1 input channel, 19 labels + background.
+    model = WongNet(in_channels=1, num_classes=20, kernel=KernelFactory("conventional", conv_size=conv_size))
+    assert count(model) == expected
+
+
+def test_forward_shape_3d_and_2d():
+    model = WongNet(in_channels=2, num_classes=3, dropout=0.0)
+    assert model(torch.randn(1, 2, 16, 32, 16)).shape == (1, 3, 16, 32, 16)
+    model2d = WongNet(in_channels=1, num_classes=4, spatial_dims=2)
+    assert model2d(torch.randn(2, 1, 32, 48)).shape == (2, 4, 32, 48)
+
+
+def test_bad_spatial_size_names_shape():
+    with pytest.raises(ValueError, match=r"divisible by 16.*\(1, 1, 20, 16, 16\)"):
+        WongNet(in_channels=1, num_classes=2)(torch.randn(1, 1, 20, 16, 16))
+
+
+def test_mixed_kernel_factory_levels():
+    factory = KernelFactory("mixed")
+    assert [factory.kind_at(level) for level in range(5)] == ["conventional"] * 2 + ["gabor"] * 3
