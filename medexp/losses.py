@@ -96,7 +96,8 @@ class PCCLoss(nn.Module):
     """Pearson's correlation coefficient loss, Wong & Moradi eq. 4.
 
     For every image b and label l, over the N voxels i:
-        r_bl = sum_i (p_i - mean p)(y_i - mean y) / sqrt(sum_i (p_i - mean p)^2 * sum_i (y_i - mean y)^2 + eps)
+        r_bl = sum_i (p_i - mean p)(y_i - mean y)
+               / sqrt(sum_i (p_i - mean p)^2 * sum_i (y_i - mean y)^2 + eps)
         PCC_bl = 0.5 (r_bl + 1)
     and the loss is the mean of (1 - PCC_bl) over labels (background included) and images, so it lies in
     [0, 1]: 0 perfect, 0.5 random, 1 total disagreement. eps keeps an absent label (all y equal) finite.
@@ -255,7 +256,9 @@ class WeightedCrossEntropyLoss(nn.Module):
 
 
 def unet_weight_map(labels: np.ndarray, class_weights: np.ndarray, w0: float = 10.0, sigma: float = 5.0):
-    """U-Net weight map (Ronneberger et al. 2015, eq. 2): w(x) = w_c(x) + w0 exp(-(d1(x) + d2(x))^2 / (2 sigma^2)).
+    """U-Net weight map (Ronneberger et al. 2015, eq. 2; course notes, weighted loss functions):
+
+        w(x) = w_c(x) + w0 exp(-(d1(x) + d2(x))^2 / (2 sigma^2)).
 
     Objects are the connected components (full connectivity) of every foreground label, so two touching
     structures of different labels are two objects. d1, d2 are the Euclidean distances in voxels from x to
@@ -292,7 +295,9 @@ def unet_weight_map(labels: np.ndarray, class_weights: np.ndarray, w0: float = 1
 
 
 class BoundaryWeightedCrossEntropyLoss(nn.Module):
-    """Boundary-weighted cross-entropy (course notes; U-Net): mean_i w(i) (-ln p_{y_i}(i)), w = `unet_weight_map`.
+    """Boundary-weighted cross-entropy (course notes; U-Net): mean_i w(i) (-ln p_{y_i}(i)).
+
+    w is the U-Net weight map `unet_weight_map` of the target.
 
     The map is computed per batch from the target label map on the CPU (scipy distance transforms).
 
