@@ -33,11 +33,15 @@ def instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:
     container = OmegaConf.to_container(node, resolve=True)
     for target in _targets(container):
         if not str(target).startswith(ALLOWED_PREFIXES):
-            raise ConfigError(f"{key}._target_={target}: expected a class under {', '.join(ALLOWED_PREFIXES)}")
+            raise ConfigError(
+                f"{key}._target_={target}: expected a class under {', '.join(ALLOWED_PREFIXES)}"
+            )
     try:
         return hydra.utils.instantiate(container, **kwargs)
     except hydra.errors.InstantiationException as err:
-        raise ConfigError(f"{key}: cannot build {container.get('_target_')}: {str(err).splitlines()[-1]}") from err
+        raise ConfigError(
+            f"{key}: cannot build {container.get('_target_')}: {str(err).splitlines()[-1]}"
+        ) from err
 
 
 def build_dataset(cfg: DictConfig) -> Any:
@@ -62,7 +66,11 @@ def build_model(cfg: DictConfig, in_channels: int, num_classes: int, spatial_dim
 
 def build_loss(cfg: DictConfig, class_frequencies: list[float] | None = None) -> nn.Module:
     """Loss of cfg.loss; losses that take `class_frequencies` (weighted CE, ...) get the training split's."""
-    target = hydra.utils.get_class(cfg.loss._target_) if str(cfg.loss._target_).startswith(ALLOWED_PREFIXES) else None
+    target = (
+        hydra.utils.get_class(cfg.loss._target_)
+        if str(cfg.loss._target_).startswith(ALLOWED_PREFIXES)
+        else None
+    )
     extra = {}
     if target is not None and "class_frequencies" in inspect.signature(target.__init__).parameters:
         extra["class_frequencies"] = class_frequencies
@@ -75,5 +83,8 @@ def build_optimizer(cfg: DictConfig, params: Any) -> Any:
 
 
 def build_scheduler(cfg: DictConfig, optimizer: Any, max_epochs: int) -> Any:
-    """Epoch-wise LR scheduler of cfg.sched; `${trainer.max_epochs}` may be used in its config."""
-    return instantiate(cfg.sched, "sched")(optimizer)
+    """Epoch-wise LR scheduler of cfg.sched; schedules that take `max_epochs` get the run's length."""
+    factory = instantiate(cfg.sched, "sched")
+    if "max_epochs" in inspect.signature(factory.func).parameters:
+        return factory(optimizer, max_epochs=max_epochs)
+    return factory(optimizer)

@@ -8,6 +8,7 @@ one line and exit code 2, before any model is built or MLflow run is created.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -16,7 +17,9 @@ import typer
 from medexp.config import CONF_DIR, ConfigError
 from medexp.data.base import DataError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Experiment runner for medical image segmentation.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Experiment runner for medical image segmentation."
+)
 
 USER_ERRORS = (ConfigError, DataError)
 
@@ -33,39 +36,53 @@ def fail(command: str, err: Exception, code: int = 2) -> None:
 
 
 def _hydra_task(cfg) -> Any:
-    """The @hydra.main body: one job of a run or multirun."""
+    """The @hydra.main body: one job of a run or multirun. Errors of one sweep job do not stop the sweep."""
+    import os
+
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from medexp import train, tracking
+    from medexp import launcher, tracking, train
 
     hc = HydraConfig.get()
     output_dir = hc.runtime.output_dir
     multirun = hc.mode == RunMode.MULTIRUN
     parent = tracking.read_parent(hc.sweep.dir) if multirun else None
+    size = os.environ.get("MEDEXP_SWEEP_SIZE", "?")
     job = {
         "choices": dict(hc.runtime.choices),
         "overrides": list(hc.overrides.task),
         "parent_run_id": parent["run_id"] if parent else None,
-        "title": f"job {hc.job.num}" if multirun else "train",
+        "title": f"job {hc.job.num + 1}/{size}" if multirun else "train",
     }
     status = {"job": hc.job.num if multirun else 0, "overrides": " ".join(job["overrides"])}
+    if multirun and cfg.sweep.skip_finished:
+        done = tracking.finished_run(cfg.experiment_name, status["overrides"], cfg.tracking_uri)
+        if done:
+            print(f"{job['title']}: skipped, run {done} already finished ({status['overrides']})")
+            tracking.write_status(output_dir, {**status, "status": "skipped", "run_id": done})
+            return None
     try:
+        if multirun:
+            launcher.pin_gpus(cfg.sweep.gpus_per_job, hc.sweep.dir)
         result = train.run(cfg, output_dir, job)
     except USER_ERRORS as err:
         tracking.write_status(output_dir, {**status, "status": "failed", "error": str(err)})
         if not multirun:
             fail("train", err)
-        print(f"job {hc.job.num} failed: {err}", file=sys.stderr)
+        print(f"{job['title']} failed: {err}", file=sys.stderr)
         return None
     except Exception as err:
-        tracking.write_status(output_dir, {**status, "status": "failed", "error": f"{type(err).__name__}: {err}"})
+        tracking.write_status(
+            output_dir, {**status, "status": "failed", "error": f"{type(err).__name__}: {err}"}
+        )
         if not multirun:
             raise
-        print(f"job {hc.job.num} failed: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"{job['title']} failed: {type(err).__name__}: {err}", file=sys.stderr)
         return None
     tracking.write_status(
-        output_dir, {**status, "status": result["status"], "run_id": result["run_id"], "epoch": result.get("epoch")}
+        output_dir,
+        {**status, "status": result["status"], "run_id": result["run_id"], "epoch": result.get("epoch")},
     )
     return result
 
@@ -83,9 +100,10 @@ def train(ctx: typer.Context) -> None:
 
     args = list(ctx.args)
     try:
-        overrides.check(args)
+        jobs = overrides.check(args)
     except USER_ERRORS as err:
         fail("train", err)
+    os.environ["MEDEXP_SWEEP_SIZE"] = str(jobs)  # for "job i/N" in every job's progress line
     main = hydra.main(config_path=str(CONF_DIR), config_name="train", version_base=None)(_hydra_task)
     saved = sys.argv
     sys.argv = ["medexp train", *args]
@@ -109,9 +127,13 @@ if __name__ == "__main__":
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def params(
     ctx: typer.Context,
-    num_classes: int = typer.Option(20, help="Output classes incl. background (paper: 19 labels + background)."),
+    num_classes: int = typer.Option(
+        20, help="Output classes incl. background (paper: 19 labels + background)."
+    ),
     in_channels: int = typer.Option(1, help="Image channels (paper: 1, T1 MRI)."),
-    from_dataset: bool = typer.Option(False, "--from-dataset", help="Take classes and channels from the dataset."),
+    from_dataset: bool = typer.Option(
+        False, "--from-dataset", help="Take classes and channels from the dataset."
+    ),
 ) -> None:
     """Parameter table of the composed model (overrides as for train); last line `parameters: N`."""
     from rich.console import Console

@@ -17,9 +17,23 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 CONF_DIR = next(
-    p for p in (Path(__file__).parent / "conf", Path(__file__).parent.parent / "conf") if (p / "train.yaml").exists()
+    p
+    for p in (Path(__file__).parent / "conf", Path(__file__).parent.parent / "conf")
+    if (p / "train.yaml").exists()
 )
-GROUPS = ("kernel", "loss", "head", "model", "dataset", "augment", "optim", "sched", "trainer", "tracking", "experiment")
+GROUPS = (
+    "kernel",
+    "loss",
+    "head",
+    "model",
+    "dataset",
+    "augment",
+    "optim",
+    "sched",
+    "trainer",
+    "tracking",
+    "experiment",
+)
 
 
 class ConfigError(Exception):
@@ -40,7 +54,13 @@ class TrainerConfig:
 
 @dataclass
 class EvalConfig:
-    metrics: list[str] = field(default_factory=lambda: ["dice"])
+    metrics: list[str] = field(default_factory=lambda: ["dice", "jaccard", "hd", "hd95", "asd"])
+
+
+@dataclass
+class SweepConfig:
+    skip_finished: bool = False
+    gpus_per_job: int = 0
 
 
 @dataclass
@@ -56,6 +76,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: Any = None
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     lr: float = 1e-3
     seed: int = 0
     split: int = 0
@@ -94,7 +115,13 @@ def validate(cfg: DictConfig) -> None:
     _check(t.batch_size >= 1, "trainer.batch_size", t.batch_size, "an integer >= 1")
     _check(t.num_workers >= 0, "trainer.num_workers", t.num_workers, "an integer >= 0")
     _check(t.val_every >= 1, "trainer.val_every", t.val_every, "an integer >= 1")
-    _check(t.accelerator in ("auto", "cpu", "cuda"), "trainer.accelerator", t.accelerator, "one of auto, cpu, cuda")
+    _check(
+        t.accelerator in ("auto", "cpu", "cuda"),
+        "trainer.accelerator",
+        t.accelerator,
+        "one of auto, cpu, cuda",
+    )
+    _check(cfg.sweep.gpus_per_job >= 0, "sweep.gpus_per_job", cfg.sweep.gpus_per_job, "an integer >= 0")
     _check(t.precision in ("32", "bf16", "fp16"), "trainer.precision", t.precision, "one of 32, bf16, fp16")
     _validate_dataset(cfg.dataset)
     _validate_kernel(cfg.kernel)
@@ -110,11 +137,17 @@ def _validate_dataset(dataset: DictConfig) -> None:
     if "num_classes" in dataset:
         _check(dataset.num_classes >= 2, "dataset.num_classes", dataset.num_classes, "an integer >= 2")
     if "num_cases" in dataset:
-        _check(dataset.num_cases >= 3, "dataset.num_cases", dataset.num_cases, "an integer >= 3 (train/val/test)")
+        _check(
+            dataset.num_cases >= 3, "dataset.num_cases", dataset.num_cases, "an integer >= 3 (train/val/test)"
+        )
     shape = dataset.get("shape")
     if shape is not None:
         shape = list(shape) if isinstance(shape, ListConfig) else shape
-        ok = isinstance(shape, list) and len(shape) == dims and all(isinstance(s, int) and s >= 8 for s in shape)
+        ok = (
+            isinstance(shape, list)
+            and len(shape) == dims
+            and all(isinstance(s, int) and s >= 8 for s in shape)
+        )
         _check(ok, "dataset.shape", shape, f"{dims} integers >= 8 (dataset.spatial_dims={dims})")
 
 
@@ -124,7 +157,12 @@ def _validate_kernel(kernel: DictConfig) -> None:
     _check(kernel.kind in KINDS, "kernel.kind", kernel.kind, f"one of {', '.join(KINDS)}")
     for key in ("conv_size", "gabor_size"):
         size = kernel.get(key)
-        _check(isinstance(size, int) and size >= 1 and size % 2 == 1, f"kernel.{key}", size, "a positive odd integer")
+        _check(
+            isinstance(size, int) and size >= 1 and size % 2 == 1,
+            f"kernel.{key}",
+            size,
+            "a positive odd integer",
+        )
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -8,6 +8,7 @@ experiment declares in `hydra.sweeper.params` are checked the same way.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 
@@ -18,7 +19,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from medexp.config import CONF_DIR, GROUPS, ConfigError, group_choices, validate
 
-PASSTHROUGH_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc"}
+PASSTHROUGH_FLAGS = {
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--info",
+    "-i",
+    "--cfg",
+    "-c",
+    "--shell-completion",
+    "-sc",
+}
 
 
 def split_args(args: list[str]) -> tuple[list[str], bool, bool]:
@@ -41,11 +52,15 @@ def compose_config(overrides: list[str], hydra_cfg: bool = False) -> DictConfig:
             GlobalHydra.instance().clear()
 
 
-def check(args: list[str]) -> None:
-    """Raise ConfigError for the first bad override among `args` (a `medexp train` command line)."""
+def check(args: list[str]) -> int:
+    """Raise ConfigError for the first bad override among `args` (a `medexp train` command line).
+
+    Returns:
+        The number of jobs the command will run (1 for a single run).
+    """
     overrides, multirun, inspecting = split_args(args)
     if inspecting:
-        return
+        return 1
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as err:
@@ -72,6 +87,7 @@ def check(args: list[str]) -> None:
                         _check_choice(key, v)
     for variant in _variants(fixed, sweeps):
         validate(compose_config(variant))
+    return math.prod(len(v) for v in sweeps.values()) if multirun else 1
 
 
 def _values(o) -> Iterator[str]:

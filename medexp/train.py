@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from medexp import build, checkpoint, dist
-from medexp.config import to_yaml, validate
+from medexp.config import flatten, to_yaml, validate
+from medexp.data.base import DataError
 from medexp.data.loaders import make_loader
 from medexp.data.splits import load_or_make_splits, select
 from medexp.data.transforms import paper_augmentation
@@ -41,11 +42,17 @@ def run(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = No
     if dist.launched_by_torchrun():
         import os
 
-        return train_worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), cfg, output_dir, job, None)
+        return train_worker(
+            int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), cfg, output_dir, job, None
+        )
     if world_size == 1:
         return train_worker(0, 1, cfg, output_dir, job, None)
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    mp.spawn(_spawned_worker, args=(world_size, cfg_yaml, str(output_dir), job, dist.free_port()), nprocs=world_size)
+    mp.spawn(
+        _spawned_worker,
+        args=(world_size, cfg_yaml, str(output_dir), job, dist.free_port()),
+        nprocs=world_size,
+    )
     return OmegaConf.to_container(OmegaConf.load(output_dir / RESULT_FILE))
 
 
@@ -72,22 +79,7 @@ def train_worker(
 
 
 def _train(cfg: DictConfig, ctx: dist.DistContext, output_dir: Path, job: dict, tracker: RunTracker) -> dict:
-    # --- data: rank 0 prepares (generates / caches) first, the others then read what it wrote
-    dataset = build.build_dataset(cfg)
-    if not ctx.is_main:
-        dist.barrier(ctx)
-    cases = dataset.prepare()
-    info = dataset.info
-    splits = load_or_make_splits(info.root, [c["id"] for c in cases], cfg.n_splits)
-    if ctx.is_main:
-        dist.barrier(ctx)
-    parts = select(cases, splits, cfg.split)
-    augmentation = paper_augmentation(info.spatial_dims, **_augment_args(cfg), shape=info.shape)
-    loader_args = dict(num_workers=cfg.trainer.num_workers, world_size=ctx.world_size, rank=ctx.rank, seed=cfg.seed)
-    train_loader = make_loader(
-        parts["train"], batch_size=cfg.trainer.batch_size, train=True, augmentation=augmentation, **loader_args
-    )
-    val_loader = make_loader(parts["val"], batch_size=1, train=False, **loader_args) if ctx.is_main else None
+    info, parts, train_loader, val_loader, loader_args = _data(cfg, ctx)
 
     # --- model, loss, optimiser, scheduler
     model = build.build_model(cfg, info.in_channels, info.num_classes, info.spatial_dims).to(ctx.device)
@@ -97,16 +89,21 @@ def _train(cfg: DictConfig, ctx: dist.DistContext, output_dir: Path, job: dict, 
     net = DistributedDataParallel(model) if ctx.distributed else model
     autocast, scaler = _mixed_precision(cfg.trainer.precision, ctx.device)
 
-    # --- resume or start the MLflow run
-    ckpt_dir = output_dir / "checkpoints"
-    start_epoch, best, run_id = 0, -math.inf, None
+    # --- resume (same output dir, same MLflow run) or start a new run
+    start_epoch, best, run_id, last_metrics = 0, -math.inf, None, {}
     if cfg.resume:
-        state = checkpoint.load(_resume_path(cfg.resume, ckpt_dir), map_location=ctx.device)
+        output_dir, state = _resume_state(cfg.resume, ctx.device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
-        start_epoch, best, run_id = state["epoch"], state["best"], state["run_id"]
+        start_epoch, best, run_id, last_metrics = (
+            state["epoch"],
+            state["best"],
+            state["run_id"],
+            state["metrics"],
+        )
+    ckpt_dir = output_dir / "checkpoints"
     uri = resolve_uri(cfg.tracking_uri)
     run_id = tracker.start(
         uri=uri,
@@ -118,60 +115,103 @@ def _train(cfg: DictConfig, ctx: dist.DistContext, output_dir: Path, job: dict, 
     )
     run_id = dist.broadcast_object(run_id, ctx)
     if ctx.is_main and start_epoch == 0:
-        from medexp.config import flatten
-
         tracker.log_params(flatten(cfg))
         tracker.log_params({"model.num_parameters": sum(p.numel() for p in model.parameters())})
         (output_dir / "config.yaml").write_text(to_yaml(cfg))
         tracker.log_artifact(output_dir / "config.yaml")
+    if start_epoch and not tracker.has_step("train/loss", start_epoch):
+        tracker.log_metrics(last_metrics, step=start_epoch)  # killed between checkpoint and logging
 
-    # --- epochs
+    # --- epochs: train, all-reduce the loss, validate on rank 0, checkpoint, then log
     max_epochs = cfg.trainer.max_epochs
     diverged_at = None
     started = time.perf_counter()
-    with TrainProgress(ctx.is_main and cfg.trainer.progress, max_epochs, len(train_loader), job.get("title", "train")) as bar:
+    title = job.get("title", "train")
+    with TrainProgress(ctx.is_main and cfg.trainer.progress, max_epochs, len(train_loader), title) as bar:
         bar.skip_to(start_epoch)
         for epoch in range(start_epoch + 1, max_epochs + 1):
-            if hasattr(train_loader.sampler, "set_epoch"):
-                train_loader.sampler.set_epoch(epoch)
+            train_loader.sampler.set_epoch(epoch)
             bar.start_epoch(epoch)
             train_loss = _train_epoch(net, train_loader, loss_fn, optimizer, autocast, scaler, ctx, bar)
             train_loss = dist.all_reduce_mean(train_loss, ctx)
-            scheduler.step()
-            metrics = {"train/loss": train_loss, "train/lr": optimizer.param_groups[0]["lr"]}
             if not math.isfinite(train_loss):
                 diverged_at = epoch
-                tracker.log_metrics({"train/loss_finite": 0.0}, step=epoch)
+                tracker.log_metrics({"train/loss": train_loss}, step=epoch)
                 break
+            scheduler.step()
+            metrics = {"train/loss": train_loss, "train/lr": optimizer.param_groups[0]["lr"]}
             improved = False
             if ctx.is_main and (epoch % cfg.trainer.val_every == 0 or epoch == max_epochs):
-                _, val = evaluate(model, val_loader, num_classes=info.num_classes, roi_size=info.shape, device=ctx.device)
+                _, val = evaluate(
+                    model, val_loader, num_classes=info.num_classes, roi_size=info.shape, device=ctx.device
+                )
                 metrics.update(foreground_means(val, info.label_names, "val"))
                 improved = metrics["val/dice_mean"] > best
                 best = max(best, metrics["val/dice_mean"])
-            tracker.log_metrics(metrics, step=epoch)
             if ctx.is_main:
-                state = _state(model, optimizer, scheduler, epoch, best, cfg, run_id)
+                state = _state(model, optimizer, scheduler, epoch, best, cfg, run_id, metrics)
                 if improved:
                     checkpoint.save_atomic(state, ckpt_dir / "best.pt")
                 checkpoint.save_atomic(state, ckpt_dir / "last.pt")
-            bar.end_epoch(epoch, {k: v for k, v in metrics.items() if k in ("train/loss", "val/dice_mean")}, improved)
+            tracker.log_metrics(metrics, step=epoch)
+            bar.end_epoch(
+                epoch, {k: v for k, v in metrics.items() if k in ("train/loss", "val/dice_mean")}, improved
+            )
             dist.barrier(ctx)
     train_seconds = time.perf_counter() - started
+    in_sync = _ranks_in_sync(model, ctx)
 
     # --- test evaluation of the best checkpoint (rank 0)
     result: dict[str, Any] = {"run_id": run_id, "status": "diverged" if diverged_at else "finished"}
     if ctx.is_main:
         result.update(_test(cfg, model, parts["test"], info, ctx, ckpt_dir, output_dir, tracker, loader_args))
-        tracker.set_tags({"diverged": str(diverged_at is not None).lower(), "train_seconds": f"{train_seconds:.1f}"})
-        if diverged_at:
-            tracker.set_tags({"diverged_epoch": diverged_at})
+        tags = {"diverged": str(diverged_at is not None).lower(), "train_seconds": f"{train_seconds:.1f}"}
+        tags.update(ranks_in_sync=str(in_sync).lower(), world_size=ctx.world_size)
+        tracker.set_tags({**tags, **({"diverged_epoch": diverged_at} if diverged_at else {})})
         tracker.finish("FINISHED")
-        result.update(epoch=diverged_at or max_epochs, train_seconds=round(train_seconds, 1))
+        result.update(
+            epoch=diverged_at or max_epochs, train_seconds=round(train_seconds, 1), output_dir=str(output_dir)
+        )
         (output_dir / RESULT_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(result)))
-        _print_result(result, cfg, uri, output_dir)
+        _print_result(result, uri, output_dir)
     dist.barrier(ctx)
     return result
+
+
+def _data(cfg: DictConfig, ctx: dist.DistContext):
+    """Dataset, split and loaders. Rank 0 prepares (generates / caches) first; the others then read it."""
+    dataset = build.build_dataset(cfg)
+    if not ctx.is_main:
+        dist.barrier(ctx)
+    cases = dataset.prepare()
+    info = dataset.info
+    splits = load_or_make_splits(info.root, [c["id"] for c in cases], cfg.n_splits)
+    if ctx.is_main:
+        dist.barrier(ctx)
+    parts = select(cases, splits, cfg.split)
+    augmentation = paper_augmentation(info.spatial_dims, **_augment_args(cfg), shape=info.shape)
+    loader_args = dict(
+        num_workers=cfg.trainer.num_workers, world_size=ctx.world_size, rank=ctx.rank, seed=cfg.seed
+    )
+    train_loader = make_loader(
+        parts["train"],
+        batch_size=cfg.trainer.batch_size,
+        train=True,
+        augmentation=augmentation,
+        **loader_args,
+    )
+    val_loader = make_loader(parts["val"], batch_size=1, train=False, **loader_args) if ctx.is_main else None
+    return info, parts, train_loader, val_loader, loader_args
+
+
+def _ranks_in_sync(model, ctx: dist.DistContext) -> bool:
+    """True when every rank ends with the same weights (a checksum compared across ranks)."""
+    checksum = float(sum(p.detach().double().sum().item() for p in model.parameters()))
+    if not ctx.distributed:
+        return True
+    sums = [None] * ctx.world_size
+    torch.distributed.all_gather_object(sums, checksum)
+    return all(s == sums[0] for s in sums)
 
 
 def _train_epoch(net, loader, loss_fn, optimizer, autocast, scaler, ctx, bar) -> float:
@@ -220,8 +260,11 @@ def _test(cfg, model, cases, info, ctx, ckpt_dir, output_dir, tracker, loader_ar
     return {"test": metrics}
 
 
-def _state(model, optimizer, scheduler, epoch: int, best: float, cfg: DictConfig, run_id: str | None) -> dict:
+def _state(
+    model, optimizer, scheduler, epoch: int, best: float, cfg: DictConfig, run_id, metrics: dict
+) -> dict:
     return {
+        "metrics": metrics,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -233,23 +276,31 @@ def _state(model, optimizer, scheduler, epoch: int, best: float, cfg: DictConfig
     }
 
 
-def _resume_path(resume: str, ckpt_dir: Path) -> Path:
-    """resume is an output dir, a checkpoint file, or an MLflow run id (whose output dir is a tag)."""
+def _resume_state(resume: str, device: torch.device) -> tuple[Path, dict]:
+    """(output dir, last checkpoint) of the run to resume: an output dir, a checkpoint file or an MLflow run id."""
     path = Path(resume)
     if path.is_file():
-        return path
-    if (path / "checkpoints" / "last.pt").exists():
-        return path / "checkpoints" / "last.pt"
-    from medexp.tracking import find_output_dir
+        file = path
+    elif (path / "checkpoints" / "last.pt").exists():
+        file = path / "checkpoints" / "last.pt"
+    elif path.exists():
+        raise DataError(f"resume={resume}: no checkpoints/last.pt in that folder")
+    else:
+        from medexp.tracking import find_output_dir
 
-    return Path(find_output_dir(resume)) / "checkpoints" / "last.pt"
+        file = Path(find_output_dir(resume)) / "checkpoints" / "last.pt"
+        if not file.exists():
+            raise DataError(f"resume={resume}: MLflow run found, but its checkpoint {file} is missing")
+    return file.parent.parent, checkpoint.load(file, map_location=device)
 
 
 def _class_frequencies(loader, num_classes: int) -> list[float] | None:
     """Fraction of voxels of each class over the (un-augmented, cached) training cases."""
     counts = np.zeros(num_classes)
     for item in loader.dataset._cache:
-        counts += np.bincount(np.asarray(item["label"]).ravel().astype(np.int64), minlength=num_classes)[:num_classes]
+        counts += np.bincount(np.asarray(item["label"]).ravel().astype(np.int64), minlength=num_classes)[
+            :num_classes
+        ]
     return (counts / max(counts.sum(), 1)).tolist()
 
 
@@ -290,7 +341,7 @@ def _tags(cfg: DictConfig, job: dict, info, output_dir: Path) -> dict[str, str]:
     return tags
 
 
-def _print_result(result: dict, cfg: DictConfig, uri: str, output_dir: Path) -> None:
+def _print_result(result: dict, uri: str, output_dir: Path) -> None:
     test = result.get("test", {})
     rows = [("MLflow run", str(result["run_id"])), ("tracking uri", uri), ("status", result["status"])]
     rows += [("epochs", str(result["epoch"])), ("train time", f"{result['train_seconds']:.1f} s")]

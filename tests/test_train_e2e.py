@@ -70,4 +70,4 @@ def test_multirun_makes_four_child_runs_under_one_parent(workdir: Path):
     combos = {(r.data.tags["loss"], r.data.params["lr"]) for r in children}
     assert combos == {("pcc", "0.001"), ("pcc", "0.01"), ("dice", "0.001"), ("dice", "0.01")}
     targets = {r.data.tags["loss"]: r.data.params["loss._target_"] for r in children}
-    assert targets == {"pcc": "medexp.losses.PCCLoss", "dice": "monai.losses.DiceLoss"}
+    assert targets == {"pcc": "medexp.losses.PCCLoss", "dice": "medexp.losses.DiceLoss"}

@@ -1,4 +1,9 @@
-"""DataLoaders for one split: cached deterministic preprocessing, random augmentation on top, DDP-aware."""
+"""DataLoaders for one split: cached deterministic preprocessing, random augmentation on top, DDP-aware.
+
+A case may carry "slices": the 2D items cut from one volume (`dataset.spatial_dims=2` on 3D data). Splits are
+made over cases, i.e. by volume (patient), and the loader then trains and evaluates on their slices, so no
+patient has slices in two parts of a split.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,16 @@ from monai.transforms import Compose
 from torch.utils.data.distributed import DistributedSampler
 
 from medexp.data.transforms import load_transforms
+
+
+def expand_slices(cases: list[dict]) -> list[dict]:
+    """The items a loader iterates: each case itself, or its "slices" if it has them."""
+    return [item for case in cases for item in case.get("slices", [case])]
+
+
+def _reader(items: list[dict]) -> str | None:
+    """Reader for `items`: "numpy" when they are .npy arrays of the preprocessing cache, else None (reader by suffix)."""
+    return "numpy" if items and str(items[0]["image"]).endswith(".npy") else None
 
 
 def make_loader(
@@ -22,12 +37,14 @@ def make_loader(
     rank: int = 0,
     seed: int = 0,
 ) -> DataLoader:
-    """A loader over `cases`; deterministic transforms are cached in memory once, augmentation runs per epoch.
+    """A loader over `cases`; deterministic transforms are cached in memory once, augmentation runs per epoch
+    (in `num_workers` worker processes when > 0).
 
     Training loaders shuffle (and shard across DDP ranks); evaluation loaders keep the order, batch 1.
     """
-    steps = load_transforms() + list(preprocess or []) + (list(augmentation or []) if train else [])
-    dataset = CacheDataset(cases, Compose(steps), num_workers=None, progress=False, copy_cache=False)
+    items = [{k: v for k, v in item.items() if k != "slices"} for item in expand_slices(cases)]
+    steps = load_transforms(_reader(items)) + list(preprocess or []) + (list(augmentation or []) if train else [])
+    dataset = CacheDataset(items, Compose(steps), num_workers=None, progress=False, copy_cache=False)
     sampler = None
     if world_size > 1 and train:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
