@@ -35,6 +35,14 @@ def fail(command: str, err: Exception, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+NOT_RESULT_KEYS = ("sweep.", "hydra.", "hydra/", "trainer.progress")
+
+
+def result_overrides(task_overrides: list[str]) -> list[str]:
+    """The overrides that define a job's result (its identity for sweep.skip_finished and the MLflow tag)."""
+    return [o for o in task_overrides if not o.lstrip("+~").startswith(NOT_RESULT_KEYS)]
+
+
 def _hydra_task(cfg) -> Any:
     """The @hydra.main body: one job of a run or multirun. Errors of one sweep job do not stop the sweep."""
     import os
@@ -51,7 +59,7 @@ def _hydra_task(cfg) -> Any:
     size = os.environ.get("MEDEXP_SWEEP_SIZE", "?")
     job = {
         "choices": dict(hc.runtime.choices),
-        "overrides": list(hc.overrides.task),
+        "overrides": result_overrides(list(hc.overrides.task)),
         "parent_run_id": parent["run_id"] if parent else None,
         "title": f"job {hc.job.num + 1}/{size}" if multirun else "train",
     }
@@ -158,3 +166,51 @@ def params(
         table.add_row(name, kind, f"{n:,}")
     Console().print(table)
     print(f"parameters: {model_summary.count(model)}")
+
+
+@app.command()
+def report(
+    experiment: str = typer.Option(
+        None, "--experiment", "-e", help="Experiment name (all its sweeps and runs)."
+    ),
+    sweep: str = typer.Option(
+        None, "--sweep", "-s", help="Sweep id (the parent run id); default: the latest sweep."
+    ),
+    lr: float = typer.Option(1e-3, "--lr", help="Learning rate of the table (relative tolerance 1%)."),
+    output: str = typer.Option(
+        None, "--output", "-o", help="Output folder [default: outputs/reports/<name>]."
+    ),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store [default: as medexp train]."),
+    log: bool = typer.Option(True, "--log/--no-log", help="Log the files to the sweep's parent run."),
+) -> None:
+    """Fig. 3 (test Dice vs learning rate) and Table 1 (per-label Dice at one lr) from the MLflow runs."""
+    from medexp import report as reporting
+    from medexp import tracking
+
+    try:
+        result = reporting.make_report(
+            tracking.resolve_uri(tracking_uri),
+            experiment=experiment,
+            sweep=sweep,
+            lr=lr,
+            out_dir=output,
+            log=log,
+        )
+    except reporting.ReportError as err:
+        fail("report", err)
+    print(result.summary())
+
+
+@app.command()
+def ui(
+    port: int = typer.Option(5000, "--port", "-p", help="Port to serve on."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Interface to bind (0.0.0.0 exposes it to the network)."
+    ),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store [default: as medexp train]."),
+) -> None:
+    """MLflow UI over the project's store; Ctrl-C stops the server and every process it started."""
+    from medexp import tracking
+    from medexp import ui as mlflow_ui
+
+    raise typer.Exit(mlflow_ui.serve(tracking.resolve_uri(tracking_uri), host=host, port=port))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from medexp import build, checkpoint, dist
-from medexp.config import flatten, to_yaml, validate
+from medexp.config import TrainConfig, flatten, to_yaml, validate
 from medexp.data.base import DataError
 from medexp.data.loaders import make_loader
 from medexp.data.splits import load_or_make_splits, select
@@ -34,14 +35,14 @@ RESULT_FILE = "result.yaml"
 
 def run(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train and evaluate one configuration; returns rank 0's result (run id, status, metrics)."""
+    if cfg.resume:
+        cfg = resumed_config(cfg, job.get("overrides", []) if job else [])
     validate(cfg)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     job = job or {}
     world_size = cfg.trainer.devices
     if dist.launched_by_torchrun():
-        import os
-
         return train_worker(
             int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), cfg, output_dir, job, None
         )
@@ -71,7 +72,9 @@ def train_worker(
     except KeyboardInterrupt:
         tracker.finish("KILLED")
         raise
-    except BaseException:
+    except BaseException as err:
+        if tracker.run_id:
+            tracker.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
         tracker.finish("FAILED")
         raise
     finally:
@@ -81,28 +84,10 @@ def train_worker(
 def _train(cfg: DictConfig, ctx: dist.DistContext, output_dir: Path, job: dict, tracker: RunTracker) -> dict:
     info, parts, train_loader, val_loader, loader_args = _data(cfg, ctx)
 
-    # --- model, loss, optimiser, scheduler
-    model = build.build_model(cfg, info.in_channels, info.num_classes, info.spatial_dims).to(ctx.device)
-    loss_fn = build.build_loss(cfg, _class_frequencies(train_loader, info.num_classes)).to(ctx.device)
-    optimizer = build.build_optimizer(cfg, model.parameters())
-    scheduler = build.build_scheduler(cfg, optimizer, cfg.trainer.max_epochs)
-    net = DistributedDataParallel(model) if ctx.distributed else model
-    autocast, scaler = _mixed_precision(cfg.trainer.precision, ctx.device)
-
-    # --- resume (same output dir, same MLflow run) or start a new run
-    start_epoch, best, run_id, last_metrics = 0, -math.inf, None, {}
+    # --- resume (same output dir, same MLflow run) or start a new run; from here on failures are recorded
+    state = None
     if cfg.resume:
         output_dir, state = _resume_state(cfg.resume, ctx.device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
-        start_epoch, best, run_id, last_metrics = (
-            state["epoch"],
-            state["best"],
-            state["run_id"],
-            state["metrics"],
-        )
     ckpt_dir = output_dir / "checkpoints"
     uri = resolve_uri(cfg.tracking_uri)
     run_id = tracker.start(
@@ -111,9 +96,24 @@ def _train(cfg: DictConfig, ctx: dist.DistContext, output_dir: Path, job: dict, 
         run_name=job.get("name") or f"{cfg.kernel.kind}-{_choice(job, 'loss')}-lr{cfg.lr:g}-split{cfg.split}",
         tags=_tags(cfg, job, info, output_dir),
         parent_run_id=job.get("parent_run_id"),
-        run_id=run_id,
+        run_id=state["run_id"] if state else None,
     )
     run_id = dist.broadcast_object(run_id, ctx)
+
+    # --- model, loss, optimiser, scheduler
+    model = build.build_model(cfg, info.in_channels, info.num_classes, info.spatial_dims).to(ctx.device)
+    loss_fn = build.build_loss(cfg, _class_frequencies(train_loader, info.num_classes)).to(ctx.device)
+    optimizer = build.build_optimizer(cfg, model.parameters())
+    scheduler = build.build_scheduler(cfg, optimizer, cfg.trainer.max_epochs)
+    start_epoch, best, last_metrics = 0, -math.inf, {}
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+        start_epoch, best, last_metrics = state["epoch"], state["best"], state["metrics"]
+    net = DistributedDataParallel(model) if ctx.distributed else model
+    autocast, scaler = _mixed_precision(cfg.trainer.precision, ctx.device)
     if ctx.is_main and start_epoch == 0:
         tracker.log_params(flatten(cfg))
         tracker.log_params({"model.num_parameters": sum(p.numel() for p in model.parameters())})
@@ -276,6 +276,23 @@ def _state(
     }
 
 
+def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The config stored in the checkpoint to resume, with this command's trainer.* and tracking_uri overrides.
+
+    The run's model, loss, data and learning rate are what it was started with; only the budget and
+    hardware (e.g. trainer.max_epochs=400, trainer.devices=2) may change on resume. The stored config is
+    data from elsewhere: its `_target_`s are only instantiated from build.ALLOWED_PREFIXES.
+    """
+    _, state = _resume_state(cfg.resume, torch.device("cpu"))
+    resumed = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(state["config"]))
+    resumed.resume = cfg.resume
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("trainer.") or key == "tracking_uri":
+            OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), force_add=False)
+    return resumed
+
+
 def _resume_state(resume: str, device: torch.device) -> tuple[Path, dict]:
     """(output dir, last checkpoint) of the run to resume: an output dir, a checkpoint file or an MLflow run id."""
     path = Path(resume)
@@ -338,6 +355,8 @@ def _tags(cfg: DictConfig, job: dict, info, output_dir: Path) -> dict[str, str]:
         label_names=",".join(info.label_names),
     )
     tags["medexp.output_dir"] = str(output_dir.resolve())
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        tags["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
     return tags
 
 

@@ -21,7 +21,7 @@ def expand_slices(cases: list[dict]) -> list[dict]:
 
 
 def _reader(items: list[dict]) -> str | None:
-    """Reader for `items`: "numpy" when they are .npy arrays of the preprocessing cache, else None (reader by suffix)."""
+    """Reader for `items`: "numpy" for .npy arrays of the preprocessing cache, else None (by suffix)."""
     return "numpy" if items and str(items[0]["image"]).endswith(".npy") else None
 
 
@@ -43,10 +43,12 @@ def make_loader(
     Training loaders shuffle (and shard across DDP ranks); evaluation loaders keep the order, batch 1.
     """
     items = [{k: v for k, v in item.items() if k != "slices"} for item in expand_slices(cases)]
-    steps = load_transforms(_reader(items)) + list(preprocess or []) + (list(augmentation or []) if train else [])
+    steps = (
+        load_transforms(_reader(items)) + list(preprocess or []) + (list(augmentation or []) if train else [])
+    )
     dataset = CacheDataset(items, Compose(steps), num_workers=None, progress=False, copy_cache=False)
     sampler = None
-    if world_size > 1 and train:
+    if train:  # also for one process: the same seed then gives the same global batches for any world size
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(

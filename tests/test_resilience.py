@@ -1,0 +1,152 @@
+"""Scale and resilience (DESIGN 9): DDP on CPU (gloo), SIGKILL + resume, divergence and failures in sweeps,
+skipping finished jobs, GPU slots per parallel job."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY, run_medexp, store_uri
+
+# Deterministic, comparable runs: no augmentation, no dropout, an even number of training cases.
+EXACT = [*TINY, "dataset.num_cases=10", "augment=none", "model.dropout=0.0", "trainer.max_epochs=2"]
+
+
+def runs_of(cwd: Path, experiment: str):
+    client = MlflowClient(store_uri(cwd))
+    exp = client.get_experiment_by_name(experiment)
+    return client, (client.search_runs([exp.experiment_id]) if exp else [])
+
+
+def losses(client, run) -> list[float]:
+    return [
+        m.value
+        for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
+    ]
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(workdir: Path):
+    one = run_medexp(["train", *EXACT, "trainer.batch_size=2", "experiment_name=ddp1"], cwd=workdir)
+    two = run_medexp(
+        ["train", *EXACT, "trainer.batch_size=1", "trainer.devices=2", "experiment_name=ddp2"], cwd=workdir
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    client, (run1,) = runs_of(workdir, "ddp1")
+    _, runs2 = runs_of(workdir, "ddp2")
+    assert len(runs2) == 1, "one MLflow run for two processes"
+    run2 = runs2[0]
+    assert run2.info.status == "FINISHED"
+    assert run2.data.tags["world_size"] == "2" and run2.data.tags["ranks_in_sync"] == "true"
+    curve1, curve2 = losses(client, run1), losses(client, run2)
+    assert len(curve1) == len(curve2) == 2
+    assert curve2 == pytest.approx(curve1, rel=2e-3), "same global batches, gradients averaged by DDP"
+
+
+def test_sigkill_after_first_checkpoint_then_resume(workdir: Path):
+    args = [
+        sys.executable,
+        "-m",
+        "medexp.cli",
+        "train",
+        *EXACT,
+        "trainer.max_epochs=4",
+        "experiment_name=kill",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    last = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list((workdir / "outputs" / "runs").glob("*/*/checkpoints/last.pt"))
+        fresh = [p for p in found if p.stat().st_mtime > proc_start(proc)]
+        if fresh:
+            last = fresh[0]
+            break
+        time.sleep(0.1)
+    assert last is not None, "a checkpoint appeared"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    output_dir = last.parent.parent
+    client, (killed,) = runs_of(workdir, "kill")
+    assert killed.info.status == "RUNNING", "SIGKILL leaves no chance to close the run"
+    assert not list(last.parent.glob(".*.tmp")) or True  # a temp file of an interrupted write may remain
+    best_before = (last.parent / "best.pt").stat().st_mtime
+
+    resumed = run_medexp(["train", f"resume={killed.info.run_id}", "trainer.progress=false"], cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    client, runs = runs_of(workdir, "kill")
+    assert len(runs) == 1, "resumed into the same MLflow run"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(steps) == [1, 2, 3, 4], f"every epoch once, no duplicated steps: {steps}"
+    assert (output_dir / "checkpoints" / "best.pt").exists()
+    assert (output_dir / "checkpoints" / "best.pt").stat().st_mtime >= best_before
+    assert run.data.metrics["test/dice_mean"] >= 0.0
+
+
+def proc_start(proc: subprocess.Popen) -> float:
+    """Wall-clock start time of a child process (from /proc), to ignore checkpoints of earlier tests."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    start = int(Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]) / ticks
+    boot = next(
+        float(line.split()[1])
+        for line in Path("/proc/stat").read_text().splitlines()
+        if line.startswith("btime")
+    )
+    return boot + start - 1.0
+
+
+def test_sweep_with_a_diverging_and_a_failing_job_finishes_the_others(workdir: Path):
+    # lr=1e30 blows the weights up: NaN loss = divergence (a result). dropout=2 raises in torch: a real error.
+    args = [
+        "train",
+        "-m",
+        "lr=1e-3,1e30",
+        "model.dropout=0.0,2.0",
+        *TINY,
+        "trainer.max_epochs=1",
+        "experiment_name=div",
+    ]
+    result = run_medexp(args, cwd=workdir)
+    assert result.returncode == 1, "failures make the sweep exit non-zero"
+    assert "4 job(s): 1 finished, 1 diverged, 2 failed" in result.stdout
+    assert "Traceback" not in result.stderr
+    client, runs = runs_of(workdir, "div")
+    children = {
+        (r.data.tags["lr"], r.data.params.get("model.dropout")): r
+        for r in runs
+        if "mlflow.parentRunId" in r.data.tags
+    }
+    ok, diverged = children[("0.001", "0.0")], children[("1e+30", "0.0")]
+    assert ok.info.status == "FINISHED" and ok.data.tags["diverged"] == "false"
+    assert diverged.info.status == "FINISHED" and diverged.data.tags["diverged"] == "true"
+    failed = [r for r in runs if r.info.status == "FAILED" and "mlflow.parentRunId" in r.data.tags]
+    assert len(failed) == 2
+    assert all("dropout probability" in r.data.tags["error"] for r in failed)
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FAILED"
+
+    # Restarting the same sweep with skip_finished re-runs only the jobs without a FINISHED run.
+    again = run_medexp([*args, "sweep.skip_finished=true"], cwd=workdir)
+    assert again.stdout.count("skipped, run") == 2, again.stdout
+    _, runs_after = runs_of(workdir, "div")
+    ok_runs = [r for r in runs_after if r.data.tags.get("overrides") == ok.data.tags["overrides"]]
+    assert len(ok_runs) == 1, "the finished job was not run again"
+
+
+def test_parallel_jobs_get_distinct_gpu_slots(workdir: Path):
+    args = ["train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "sweep.gpus_per_job=1"]
+    args += ["lr=1e-3,2e-3", *TINY, "trainer.max_epochs=1", "experiment_name=pin"]
+    result = run_medexp(args, cwd=workdir, env={"MEDEXP_GPU_COUNT": "2"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    _, runs = runs_of(workdir, "pin")
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2
+    assert sorted(r.data.tags["cuda_visible_devices"] for r in children) == ["0", "1"]
