@@ -128,10 +128,6 @@ def main() -> None:
     app()
 
 
-if __name__ == "__main__":
-    main()
-
-
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def params(
     ctx: typer.Context,
@@ -214,3 +210,43 @@ def ui(
     from medexp import ui as mlflow_ui
 
     raise typer.Exit(mlflow_ui.serve(tracking.resolve_uri(tracking_uri), host=host, port=port))
+
+
+@app.command()
+def evaluate(
+    run_id: str = typer.Argument(..., help="MLflow run id of a medexp training run."),
+    split: str = typer.Option("test", help="Cases to evaluate: test or val."),
+    tracking_uri: str = typer.Option(None, help="MLflow store (default: $MLFLOW_TRACKING_URI, outputs/mlflow.db)."),
+) -> None:
+    """Re-evaluate a run's best checkpoint (eval.metrics of its config) and log to the same run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from medexp.reevaluate import evaluate_run
+
+    try:
+        metrics = evaluate_run(run_id, split, tracking_uri)
+    except USER_ERRORS as err:
+        fail("evaluate", err)
+    table = Table(title=f"run {run_id}: {split}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}")
+    Console().print(table)
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets: medexp data check [overrides].")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("check", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def data_check(ctx: typer.Context) -> None:
+    """Read every case of the dataset (overrides as for train); one table; exit 1 if any case is unusable."""
+    from medexp.data.check import run_check
+
+    try:
+        code = run_check(list(ctx.args))
+    except USER_ERRORS as err:
+        fail("data check", err)
+    raise typer.Exit(code)

@@ -49,6 +49,7 @@ class TrainerConfig:
     num_workers: int = 0
     val_every: int = 1
     precision: str = "32"
+    channels_last: bool = True
     progress: bool = True
 
 

@@ -106,6 +106,13 @@ class RunTracker:
         self.run_id = run.info.run_id
         return self.run_id
 
+    def attach(self, uri: str, run_id: str) -> None:
+        """Log into an existing run without changing its status (re-evaluation of a finished run)."""
+        if self.active:
+            self._client = client(uri)
+            self._client.get_run(run_id)  # fails clearly if the run does not exist
+            self.run_id = run_id
+
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.active:
             return

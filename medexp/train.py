@@ -112,6 +112,8 @@ def _train(cfg: DictConfig, ctx: dist.DistContext, output_dir: Path, job: dict, 
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
         start_epoch, best, last_metrics = state["epoch"], state["best"], state["metrics"]
+    memory_format = _memory_format(cfg.trainer.channels_last, info.spatial_dims)
+    model = model.to(memory_format=memory_format)
     net = DistributedDataParallel(model) if ctx.distributed else model
     autocast, scaler = _mixed_precision(cfg.trainer.precision, ctx.device)
     if ctx.is_main and start_epoch == 0:
@@ -132,7 +134,9 @@ def _train(cfg: DictConfig, ctx: dist.DistContext, output_dir: Path, job: dict, 
         for epoch in range(start_epoch + 1, max_epochs + 1):
             train_loader.sampler.set_epoch(epoch)
             bar.start_epoch(epoch)
-            train_loss = _train_epoch(net, train_loader, loss_fn, optimizer, autocast, scaler, ctx, bar)
+            train_loss = _train_epoch(
+                net, train_loader, loss_fn, optimizer, (autocast, scaler, memory_format), ctx, bar
+            )
             train_loss = dist.all_reduce_mean(train_loss, ctx)
             if not math.isfinite(train_loss):
                 diverged_at = epoch
@@ -214,12 +218,15 @@ def _ranks_in_sync(model, ctx: dist.DistContext) -> bool:
     return all(s == sums[0] for s in sums)
 
 
-def _train_epoch(net, loader, loss_fn, optimizer, autocast, scaler, ctx, bar) -> float:
+def _train_epoch(net, loader, loss_fn, optimizer, numerics, ctx, bar) -> float:
     """One pass over the training loader; returns the mean loss (NaN as soon as a step's loss is not finite)."""
+    autocast, scaler, memory_format = numerics
     net.train()
     total, count = 0.0, 0
     for batch in loader:
-        image = batch["image"].to(ctx.device, non_blocking=True)  # (B, C, *spatial)
+        image = batch["image"].to(
+            ctx.device, non_blocking=True, memory_format=memory_format
+        )  # (B, C, *spatial)
         label = batch["label"].to(ctx.device, non_blocking=True)  # (B, 1, *spatial)
         optimizer.zero_grad(set_to_none=True)
         with autocast():
@@ -319,6 +326,12 @@ def _class_frequencies(loader, num_classes: int) -> list[float] | None:
             :num_classes
         ]
     return (counts / max(counts.sum(), 1)).tolist()
+
+
+def _memory_format(channels_last: bool, spatial_dims: int) -> torch.memory_format:
+    if not channels_last:
+        return torch.contiguous_format
+    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
 
 
 def _mixed_precision(precision: str, device: torch.device):

@@ -22,7 +22,7 @@ def run_medexp(args: list[str], cwd: Path, timeout: int = 600, env: dict | None 
     full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "medexp.cli", *args],
+        [sys.executable, "-m", "medexp", *args],
         cwd=cwd,
         capture_output=True,
         text=True,

@@ -3,6 +3,7 @@
 import csv
 from pathlib import Path
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -71,3 +72,25 @@ def test_multirun_makes_four_child_runs_under_one_parent(workdir: Path):
     assert combos == {("pcc", "0.001"), ("pcc", "0.01"), ("dice", "0.001"), ("dice", "0.01")}
     targets = {r.data.tags["loss"]: r.data.params["loss._target_"] for r in children}
     assert targets == {"pcc": "medexp.losses.PCCLoss", "dice": "medexp.losses.DiceLoss"}
+
+
+def test_evaluate_reproduces_test_metrics_and_best_validation(workdir: Path):
+    client = MlflowClient(store_uri(workdir))
+    (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    before = run.data.metrics
+    for split in ("test", "val"):
+        result = run_medexp(["evaluate", run.info.run_id, "--split", split], cwd=workdir)
+        assert result.returncode == 0, result.stderr[-2000:]
+    after = client.get_run(run.info.run_id).data.metrics
+    for key in ("test/dice_mean", "test/hd95_mean", "test/dice/large1"):
+        assert after[key] == pytest.approx(before[key], abs=1e-6), "same checkpoint, same cases, same numbers"
+    best_val = max(m.value for m in client.get_metric_history(run.info.run_id, "val/dice_mean"))
+    assert after["val_best/dice_mean"] == pytest.approx(best_val, abs=1e-6), "best.pt is the best validation epoch"
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_evaluate_unknown_run_is_one_line(workdir: Path):
+    result = run_medexp(["evaluate", "0123456789abcdef"], cwd=workdir)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("medexp evaluate: error: run 0123456789abcdef: not found")
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -2,7 +2,7 @@
 
 Each case is a noisy image of nested ellipsoids and blobs whose labels have very different sizes, like the
 brain structures of Wong & Moradi Table 1a: two large structures (tens of % of the volume), a medium one
-and progressively smaller ones down to a few dozen voxels. Every class has its own mean intensity, with
+and progressively smaller ones down to a few dozen voxels (radius >= 2 voxels). Every class has its own mean intensity, with
 per-case contrast jitter, a smooth bias field and Gaussian noise, so the task is learnable in minutes on a
 CPU but not by thresholding alone. Cases are written once as NIfTI (imagesTr/labelsTr, dataset.json) under
 `root`, keyed by the generation settings, and read back through the same loaders as real data.
@@ -50,18 +50,18 @@ def make_case(rng: np.random.Generator, shape: tuple[int, ...], num_classes: int
     if num_classes > 2:
         inner_r = outer_r * rng.uniform(0.55, 0.65, len(shape))
         label[_ellipsoid(grid, outer_c + rng.uniform(-0.05, 0.05, len(shape)) * size, inner_r)] = 2
-    # Smaller structures: radii shrink geometrically from ~11% to ~5% of the volume side.
+    # Smaller structures: radii shrink geometrically from ~11% of the volume side, to no less than 2 voxels.
     for k in range(3, num_classes):
         radius = size.min() * 0.11 * 0.8 ** (k - 3) * rng.uniform(0.9, 1.1, len(shape))
-        radius = np.maximum(radius, 1.6)
+        radius = np.maximum(radius, 2.0)
         offset = rng.uniform(-1, 1, len(shape))
         offset *= rng.uniform(0.2, 0.6) / np.linalg.norm(offset)
         centre = outer_c + offset * (outer_r - radius)
         label[_ellipsoid(grid, centre, radius)] = k
-    means = np.linspace(0.25, 1.0, num_classes) * rng.uniform(0.9, 1.1)
-    means[0] = 0.0
+    # Class means 0.5 apart (background 0), interleaved so that nested structures differ in contrast.
+    means = np.arange(num_classes) * 0.5 * rng.uniform(0.95, 1.05)
     means[1:] = means[1:][_class_order(num_classes - 1)]
-    bias = 1.0 + 0.1 * sum(np.sin(g / s * np.pi * rng.uniform(0.5, 1.5)) for g, s in zip(grid, size, strict=True))
+    bias = 1.0 + 0.05 * sum(np.sin(g / s * np.pi * rng.uniform(0.5, 1.5)) for g, s in zip(grid, size, strict=True))
     image = means[label] * bias + rng.normal(0.0, noise, shape)
     return image.astype(np.float32), label
 
