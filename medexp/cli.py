@@ -32,7 +32,7 @@ def _root() -> None:
 def fail(command: str, err: Exception, code: int = 2) -> None:
     """Print a user error as one line and exit with `code` (no traceback)."""
     print(f"medexp {command}: error: {err}", file=sys.stderr)  # plain print: rich would wrap the line
-    raise typer.Exit(code)
+    sys.exit(code)  # SystemExit, not typer.Exit: Hydra's job runner would report typer.Exit as a crash
 
 
 NOT_RESULT_KEYS = ("sweep.", "hydra.", "hydra/", "trainer.progress")

@@ -22,6 +22,7 @@ class DatasetInfo:
         shape: spatial shape every case has after preprocessing.
         root: folder that holds the cases, the splits file and the cache.
         spacing: voxel spacing in mm after preprocessing.
+        channel_names: one name per input channel (modality), if known.
     """
 
     name: str
@@ -32,6 +33,7 @@ class DatasetInfo:
     shape: list[int]
     root: str
     spacing: list[float] = field(default_factory=list)
+    channel_names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if len(self.label_names) != self.num_classes:

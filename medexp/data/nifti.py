@@ -1,0 +1,399 @@
+"""`dataset=nifti` / `dataset=msd`: a folder of NIfTI (or 2D image) files and label maps, preprocessed once.
+
+`prepare()` finds the cases (medexp.data.layout), reads every file once, checks it (medexp.data.check), maps
+label values to classes, preprocesses as in Wong & Moradi 3.1 (medexp.data.transforms.preprocess_case) and
+writes the result as .npy arrays under `<cache_dir>/<name>-<key>/`, where the key hashes the preprocessing
+settings, the folder and its file names. Each case also gets a JSON with the fingerprint (size, mtime) of its
+files, the verdict of the checks, the stored header (shape, affine, spacing) and the preprocessing record
+(output affine and shapes), so a later run reuses what did not change and `medexp predict` can map outputs
+back to the original grid. The splits file lives in the same folder (`info.root`): the data folder itself is
+only read. Any problem stops `prepare()` with a DataError before a training run starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from omegaconf import ListConfig, OmegaConf
+
+from medexp.config import ConfigError
+from medexp.data.base import DataError, DatasetInfo
+from medexp.data.check import CaseReport, outside_labels, read_case
+from medexp.data.layout import CaseFiles, Layout, class_table, discover, parse_labels
+from medexp.data.transforms import NORMALIZATIONS, preprocess_case
+
+VERSION = 1  # bump when the cached arrays change meaning
+
+
+class NiftiDataset:
+    """Cases of a data folder, preprocessed and cached on disk.
+
+    Args:
+        root: the data folder (see medexp.data.layout for the layouts it understands).
+        name: short name for tags and the cache folder; default dataset.json "name" or the folder name.
+        labels: {label value: class name} (several values may share a name), or a list of names for the values
+            0, 1, ...; None = dataset.json "labels", else every value found (names "label<value>").
+        unlisted_labels: "error" (default) or "background": what label values missing from `labels` become.
+        modalities: channel suffixes in input order (e.g. ["t1", "flair"] for `<case>_t1.nii.gz`).
+        layout: "auto", "msd" (a dataset.json is required) or "folders".
+        spatial_dims: 3, or 2 to train on slices of the volumes (or on 2D image files).
+        slice_axis: axis (after reorientation; 2 = axial for RAS) that 2D slices are cut across.
+        shape: spatial size after preprocessing (paper: 128^3); 2 sizes when spatial_dims=2.
+        spacing: isotropic voxel size in mm to resample to (a number, or one per axis); None keeps the grid.
+        orientation: axis codes to reorient to (default RAS), None keeps the stored axis order.
+        normalize: "zscore" (paper default), "zscore_nonzero", "minmax" ([0, 1], NeRD) or "none".
+        cache_dir: where preprocessed cases and splits go; default outputs/cache (under the working dir).
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        name: str | None = None,
+        labels: dict | list | None = None,
+        unlisted_labels: str = "error",
+        modalities: list[str] | None = None,
+        layout: str = "auto",
+        spatial_dims: int = 3,
+        slice_axis: int = 2,
+        shape: list[int] = (128, 128, 128),
+        spacing: float | list[float] | None = 1.0,
+        orientation: str | None = "RAS",
+        normalize: str = "zscore",
+        cache_dir: str | None = None,
+    ) -> None:
+        self.root = root
+        self.name = name
+        self.labels = labels
+        self.unlisted_labels = unlisted_labels
+        self.modalities = [str(m) for m in modalities] if modalities else None
+        self.layout = layout
+        self.spatial_dims = int(spatial_dims)
+        self.slice_axis = int(slice_axis)
+        self.shape = [int(s) for s in shape]
+        self.spacing = spacing
+        self.orientation = orientation
+        self.normalize = normalize
+        self.cache_dir = cache_dir or "outputs/cache"
+        self.stats = {"preprocessed": 0, "reused": 0, "read": 0}
+        self._info: DatasetInfo | None = None
+
+    # --- public API -------------------------------------------------------------------------------------
+    @property
+    def info(self) -> DatasetInfo:
+        """The DatasetInfo (prepares the data on first use)."""
+        if self._info is None:
+            self.prepare()
+        return self._info
+
+    def inspect(self) -> tuple[list[CaseReport], str]:
+        """Check every case (verdicts of unchanged files come from the cache); nothing is preprocessed.
+
+        Returns:
+            (one report per case or stray file, with all problems; the data folder).
+        """
+        found, cache = self._start()
+        reports = [self._verdict(case, found, cache)[0] for case in found.cases]
+        lut = self._lut(found, reports)
+        return self._finish(found, reports, lut), str(found.root)
+
+    def prepare(self) -> list[dict]:
+        """Check, preprocess (or reuse) every case.
+
+        Returns:
+            [{"id", "image", "label"}] of cached .npy arrays (C, *shape) and (1, *shape); with spatial_dims=2
+            on volumes, each case also has "slices": [{"id", "image", "label"}] of its 2D slices.
+
+        Raises:
+            DataError: the first problem (file and what is wrong) and how many more there are.
+        """
+        found, cache = self._start()
+        lut = self._lut(found, None)  # None: labels come from the values found, known after reading all
+        reports, done, failed = [], set(), bool(found.problems)
+        for case in found.cases:
+            report, data = self._verdict(case, found, cache)
+            failed = failed or bool(report.problems or (lut and self._outside(report, found, lut[0])))
+            if not failed and lut is not None and data is not None:  # just read: preprocess while in memory
+                self._preprocess(case, cache, lut, data)
+                done.add(case.id)
+            reports.append(report)
+        lut = lut or self._lut(found, reports)
+        problems = [p for r in self._finish(found, reports, lut) for p in r.problems]
+        if problems:
+            where = problems[0] if problems[0].startswith("dataset") else found.root / problems[0]
+            more = f" (+{len(problems) - 1} more; `medexp data check` with the same overrides lists all)"
+            raise DataError(f"{where}{more if len(problems) > 1 else ''}")
+        for case in found.cases:
+            if case.id not in done:
+                self._ensure_preprocessed(case, found, cache, lut)
+        return self._cases(found, cache, lut, reports)
+
+    # --- steps ------------------------------------------------------------------------------------------
+    def _start(self) -> tuple[Layout, Path]:
+        """Check options, find the cases, pick the cache folder."""
+        self._check_options()
+        found = discover(self.root, self.layout, self.modalities)
+        if self.spatial_dims == 3 and any(_is_2d(c) for c in found.cases):
+            raise ConfigError(
+                "dataset.spatial_dims=3: 2D image files need dataset.spatial_dims=2 and a 2D dataset.shape"
+            )
+        files = sorted(str(p.relative_to(found.root)) for c in found.cases for p in [*c.images, c.label])
+        key = _hash({"settings": self._settings(), "root": str(found.root.resolve()), "files": files})[:12]
+        cache = Path(self.cache_dir).resolve() / f"{_safe(self.name or found.name)}-{key}"
+        (cache / "cases").mkdir(parents=True, exist_ok=True)
+        _write_json(cache / "settings.json", {"root": str(found.root.resolve()), **self._settings()})
+        return found, cache
+
+    def _check_options(self) -> None:
+        choices = {
+            "unlisted_labels": ("error", "background"),
+            "layout": ("auto", "msd", "folders"),
+            "normalize": NORMALIZATIONS,
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"dataset.{key}={getattr(self, key)}: expected one of {', '.join(allowed)}")
+        if self.spatial_dims not in (2, 3) or len(self.shape) != self.spatial_dims:
+            raise ConfigError(
+                f"dataset.shape={self.shape}: expected {self.spatial_dims} sizes (dataset.spatial_dims)"
+            )
+        if self.slice_axis not in (0, 1, 2):
+            raise ConfigError(f"dataset.slice_axis={self.slice_axis}: expected 0, 1 or 2")
+        spacing = _plain(self.spacing) if _is_seq(self.spacing) else [self.spacing]
+        if self.spacing is not None and not all(isinstance(s, (int, float)) and s > 0 for s in spacing):
+            raise ConfigError(f"dataset.spacing={self.spacing}: expected a positive size in mm (or null)")
+        if self.orientation is not None and (
+            len(str(self.orientation)) != 3 or set(str(self.orientation)) - set("RASLPI")
+        ):
+            raise ConfigError(
+                f"dataset.orientation={self.orientation}: expected axis codes like RAS, or null"
+            )
+
+    def _settings(self) -> dict:
+        """Everything the cached arrays depend on (besides the files)."""
+        keys = ("labels", "unlisted_labels", "modalities", "layout", "spatial_dims", "slice_axis", "shape")
+        keys += ("spacing", "orientation", "normalize")
+        return {"version": VERSION, **{k: _plain(getattr(self, k)) for k in keys}}
+
+    def _lut(self, found: Layout, reports: list[CaseReport] | None):
+        """({value: class}, names) from dataset.labels, else dataset.json, else the values in `reports`."""
+        if self.labels is not None:
+            return class_table(parse_labels(_plain(self.labels), "dataset.labels"))
+        if found.labels is not None:
+            return class_table(found.labels)
+        if reports is None:
+            return None
+        values = sorted({int(v) for r in reports for v in r.values if np.isfinite(v) and v == int(v)})
+        return class_table({v: "background" if v == 0 else f"label{v}" for v in values})
+
+    def _outside(self, report: CaseReport, found: Layout, lut: dict[int, int]) -> list[str]:
+        if self.unlisted_labels == "background":
+            return []
+        where = "dataset.labels" if self.labels is not None else "dataset.json labels"
+        if self.labels is None and found.labels is None:
+            return []
+        return outside_labels(report.files[-1], report.values, lut, where)
+
+    def _verdict(self, case: CaseFiles, found: Layout, cache: Path):
+        """(report, data or None): the cached verdict if the files are unchanged, else read and check them."""
+        path = cache / "cases" / f"{case.id}.json"
+        record = _read_json(path)
+        fingerprint = _fingerprint(case, found.root)
+        if record and record.get("fingerprint") == fingerprint:
+            return CaseReport.from_dict(record["report"]), None
+        data = read_case(case, found.root, found.channels_4d)
+        self.stats["read"] += 1
+        _write_json(
+            path, {"fingerprint": fingerprint, "report": data.report.to_dict(), "original": data.original}
+        )
+        return data.report, (data if not data.report.problems else None)
+
+    def _finish(self, found: Layout, reports: list[CaseReport], lut) -> list[CaseReport]:
+        """Stray files first, then the cases with dataset-level problems added (labels, channels, count)."""
+        out = [CaseReport.from_dict(r.to_dict()) for r in found.problems + reports]
+        counts = [r.channels for r in reports if r.channels]
+        usual = max(set(counts), key=counts.count) if counts else 0
+        for r in out[len(found.problems) :]:
+            r.problems += self._outside(r, found, lut[0]) if lut else []
+            if r.channels and r.channels != usual and not r.problems:  # not when a file is unreadable
+                r.problems.append(
+                    f"{r.files[0]}: {r.channels} image channel(s) where most cases have {usual}"
+                )
+        usable = sum(1 for r in out if not r.problems)
+        if usable and usable < 3:
+            out.append(
+                CaseReport(
+                    "(dataset)", problems=[f"dataset: {usable} usable case(s), need >= 3 (train/val/test)"]
+                )
+            )
+        if lut and len(lut[1]) < 2:
+            out.append(
+                CaseReport("(dataset)", problems=["dataset: the label maps hold only background (value 0)"])
+            )
+        return out
+
+    def _prep_key(self, lut) -> str:
+        return _hash({"settings": self._settings(), "lut": sorted(lut[0].items()), "names": lut[1]})[:16]
+
+    def _ensure_preprocessed(self, case: CaseFiles, found: Layout, cache: Path, lut) -> None:
+        """Reuse the cached arrays of a case if they are current, else read and preprocess it again."""
+        prep = _read_json(cache / "cases" / f"{case.id}.json").get("prep") or {}
+        if prep.get("key") == self._prep_key(lut) and all((cache / f).exists() for f in prep["files"]):
+            self.stats["reused"] += 1
+            return
+        self.stats["read"] += 1
+        self._preprocess(case, cache, lut, read_case(case, found.root, found.channels_4d))
+
+    def _preprocess(self, case: CaseFiles, cache: Path, lut, data) -> None:
+        """Map label values to classes, preprocess, write the arrays and the record into the case's JSON."""
+        classes = np.array([lut[0].get(int(v), 0) for v in data.values], dtype=np.uint8)
+        dims = data.image.ndim - 1
+        image, label, steps = preprocess_case(
+            data.image,  # (C, *spatial)
+            classes[data.inverse][None],  # (1, *spatial) class indices
+            data.affine,
+            target=self._target(dims),
+            spacing=None if data.is_2d else self._pixdim(dims),
+            orientation=self.orientation,
+            normalize=self.normalize,
+        )
+        path = cache / "cases" / f"{case.id}.json"
+        record = _read_json(path)
+        files = self._save_arrays(cache, case.id, image, label)
+        record["prep"] = {"key": self._prep_key(lut), "files": files, "record": steps}
+        _write_json(path, record)
+        self.stats["preprocessed"] += 1
+
+    def _target(self, data_dims: int) -> list[int]:
+        """Output size per axis of the stored data: `shape`, with -1 on the slice axis for 2D slicing."""
+        if self.spatial_dims == 3 or data_dims == 2:
+            return list(self.shape)
+        target = list(self.shape)
+        target.insert(self.slice_axis, -1)
+        return target
+
+    def _pixdim(self, data_dims: int) -> list[float] | None:
+        if self.spacing is None:
+            return None
+        spacing = _plain(self.spacing) if _is_seq(self.spacing) else [float(self.spacing)] * data_dims
+        if self.spatial_dims == 2 and data_dims == 3 and len(spacing) == 3:
+            spacing[self.slice_axis] = -1  # keep the slices as acquired: no interpolated slices
+        return spacing
+
+    def _save_arrays(self, cache: Path, case_id: str, image: np.ndarray, label: np.ndarray) -> list[str]:
+        """Write the case (and its slices) as .npy; returns the file names relative to the cache folder."""
+        files = [f"cases/{case_id}_image.npy", f"cases/{case_id}_label.npy"]
+        _save_npy(cache / files[0], image)
+        _save_npy(cache / files[1], label)
+        if self.spatial_dims == 2 and image.ndim == 4:
+            axis = self.slice_axis + 1  # (C, X, Y, Z): spatial axis k is array axis k + 1
+            for k in range(image.shape[axis]):
+                pair = [f"slices/{case_id}_s{k:03d}_image.npy", f"slices/{case_id}_s{k:03d}_label.npy"]
+                _save_npy(cache / pair[0], np.take(image, k, axis=axis))  # (C, *in-plane)
+                _save_npy(cache / pair[1], np.take(label, k, axis=axis))  # (1, *in-plane)
+                files += pair
+        return files
+
+    def _cases(self, found: Layout, cache: Path, lut, reports: list[CaseReport]) -> list[dict]:
+        """Case dicts of the cached arrays, and the DatasetInfo."""
+        cases, spacings = [], []
+        for case in found.cases:
+            prep = _read_json(cache / "cases" / f"{case.id}.json")["prep"]
+            files = [str(cache / f) for f in prep["files"]]
+            item = {"id": case.id, "image": files[0], "label": files[1]}
+            if len(files) > 2:
+                item["slices"] = [
+                    {
+                        "id": Path(files[i]).name[: -len("_image.npy")],
+                        "image": files[i],
+                        "label": files[i + 1],
+                    }
+                    for i in range(2, len(files), 2)
+                ]
+            spacing = prep["record"]["spacing"]
+            if len(spacing) == 3 and self.spatial_dims == 2:
+                spacing = [s for i, s in enumerate(spacing) if i != self.slice_axis]
+            spacings.append(spacing)
+            cases.append(item)
+        channels = [r.channels for r in reports if r.channels]
+        self._info = DatasetInfo(
+            name=self.name or found.name,
+            num_classes=len(lut[1]),
+            label_names=list(lut[1]),
+            in_channels=max(set(channels), key=channels.count),
+            spatial_dims=self.spatial_dims,
+            shape=list(self.shape),
+            root=str(cache),
+            spacing=np.median(np.asarray(spacings), axis=0).round(6).tolist(),
+            channel_names=list(found.channel_names),
+        )
+        return cases
+
+
+def inspect_cases(cases: list[dict], num_classes: int) -> list[CaseReport]:
+    """Check the NIfTI files of any dataset's case dicts (`medexp data check` on e.g. the demo data)."""
+    reports = []
+    for case in cases:
+        files = CaseFiles(case["id"], [Path(case["image"])], Path(case["label"]))
+        report = read_case(files, Path(case["image"]).parent.parent, 1).report
+        report.problems += outside_labels(
+            report.files[-1], report.values, dict.fromkeys(range(num_classes), 0), "the classes"
+        )
+        reports.append(report)
+    return reports
+
+
+def _is_2d(case: CaseFiles) -> bool:
+    from medexp.data.images2d import is_2d_file
+
+    return is_2d_file(case.images[0])
+
+
+def _fingerprint(case: CaseFiles, root: Path) -> list:
+    return [
+        [str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in [*case.images, case.label]
+    ]
+
+
+def _plain(value):
+    """Config values (OmegaConf containers, tuples) as plain JSON-able Python."""
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _is_seq(value) -> bool:
+    return isinstance(value, (list, tuple, ListConfig))
+
+
+def _hash(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "dataset"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, obj) -> None:
+    """Atomic write (temp file + rename): parallel jobs and DDP ranks never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.replace(path)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as f:
+        np.save(f, array)
+    tmp.replace(path)
