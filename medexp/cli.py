@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
 import typer
 
@@ -35,66 +34,6 @@ def fail(command: str, err: Exception, code: int = 2) -> None:
     sys.exit(code)  # SystemExit, not typer.Exit: Hydra's job runner would report typer.Exit as a crash
 
 
-NOT_RESULT_KEYS = ("sweep.", "hydra.", "hydra/", "trainer.progress")
-
-
-def result_overrides(task_overrides: list[str]) -> list[str]:
-    """The overrides that define a job's result (its identity for sweep.skip_finished and the MLflow tag)."""
-    return [o for o in task_overrides if not o.lstrip("+~").startswith(NOT_RESULT_KEYS)]
-
-
-def _hydra_task(cfg) -> Any:
-    """The @hydra.main body: one job of a run or multirun. Errors of one sweep job do not stop the sweep."""
-    import os
-
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from medexp import launcher, tracking, train
-
-    hc = HydraConfig.get()
-    output_dir = hc.runtime.output_dir
-    multirun = hc.mode == RunMode.MULTIRUN
-    parent = tracking.read_parent(hc.sweep.dir) if multirun else None
-    size = os.environ.get("MEDEXP_SWEEP_SIZE", "?")
-    job = {
-        "choices": dict(hc.runtime.choices),
-        "overrides": result_overrides(list(hc.overrides.task)),
-        "parent_run_id": parent["run_id"] if parent else None,
-        "title": f"job {hc.job.num + 1}/{size}" if multirun else "train",
-    }
-    status = {"job": hc.job.num if multirun else 0, "overrides": " ".join(job["overrides"])}
-    if multirun and cfg.sweep.skip_finished:
-        done = tracking.finished_run(cfg.experiment_name, status["overrides"], cfg.tracking_uri)
-        if done:
-            print(f"{job['title']}: skipped, run {done} already finished ({status['overrides']})")
-            tracking.write_status(output_dir, {**status, "status": "skipped", "run_id": done})
-            return None
-    try:
-        if multirun:
-            launcher.pin_gpus(cfg.sweep.gpus_per_job, hc.sweep.dir)
-        result = train.run(cfg, output_dir, job)
-    except USER_ERRORS as err:
-        tracking.write_status(output_dir, {**status, "status": "failed", "error": str(err)})
-        if not multirun:
-            fail("train", err)
-        print(f"{job['title']} failed: {err}", file=sys.stderr)
-        return None
-    except Exception as err:
-        tracking.write_status(
-            output_dir, {**status, "status": "failed", "error": f"{type(err).__name__}: {err}"}
-        )
-        if not multirun:
-            raise
-        print(f"{job['title']} failed: {type(err).__name__}: {err}", file=sys.stderr)
-        return None
-    tracking.write_status(
-        output_dir,
-        {**status, "status": result["status"], "run_id": result["run_id"], "epoch": result.get("epoch")},
-    )
-    return result
-
-
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     add_help_option=False,
@@ -104,6 +43,7 @@ def train(ctx: typer.Context) -> None:
     import hydra
 
     from medexp import overrides
+    from medexp.job import hydra_job
     from medexp.tracking import SweepParentRun
 
     args = list(ctx.args)
@@ -112,7 +52,7 @@ def train(ctx: typer.Context) -> None:
     except USER_ERRORS as err:
         fail("train", err)
     os.environ["MEDEXP_SWEEP_SIZE"] = str(jobs)  # for "job i/N" in every job's progress line
-    main = hydra.main(config_path=str(CONF_DIR), config_name="train", version_base=None)(_hydra_task)
+    main = hydra.main(config_path=str(CONF_DIR), config_name="train", version_base=None)(hydra_job)
     saved = sys.argv
     sys.argv = ["medexp train", *args]
     try:
@@ -216,7 +156,9 @@ def ui(
 def evaluate(
     run_id: str = typer.Argument(..., help="MLflow run id of a medexp training run."),
     split: str = typer.Option("test", help="Cases to evaluate: test or val."),
-    tracking_uri: str = typer.Option(None, help="MLflow store (default: $MLFLOW_TRACKING_URI, outputs/mlflow.db)."),
+    tracking_uri: str = typer.Option(
+        None, help="MLflow store (default: $MLFLOW_TRACKING_URI, outputs/mlflow.db)."
+    ),
 ) -> None:
     """Re-evaluate a run's best checkpoint (eval.metrics of its config) and log to the same run."""
     from rich.console import Console
