@@ -11,7 +11,9 @@ PY := $(VENV)/bin/python
 MEDEXP := $(VENV)/bin/medexp
 STAMP := $(VENV)/.installed
 
-.PHONY: help install train test lint format ui clean
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
+.PHONY: help install chromium train test lint format ui clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -28,7 +30,12 @@ install: $(STAMP) ## create .venv/ and install medexp into it (CPU torch unless 
 train: $(STAMP) ## train the default model on the demo data (ARGS="kernel=mixed lr=1e-3" to override)
 	$(MEDEXP) train $(ARGS)
 
-test: $(STAMP) ## run the test suite (what CI runs)
+chromium: ## Debian's chromium for the browser test (Playwright drives it; no browser download)
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "warning: could not install chromium; tests/test_ui.py's browser test will be skipped"
+
+test: $(STAMP) chromium ## run the test suite (what CI runs); installs Debian's chromium for the browser test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff lint and format check

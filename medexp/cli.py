@@ -114,9 +114,9 @@ def report(
     ),
     lr: float = typer.Option(1e-3, "--lr", help="Learning rate of the table (relative tolerance 1%)."),
     output: str = typer.Option(
-        None, "--output", "-o", help="Output folder [default: outputs/reports/<name>]."
+        None, "--output", "-o", help="Output folder (default: outputs/reports/<name>)."
     ),
-    tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store [default: as medexp train]."),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store (default: as medexp train)."),
     log: bool = typer.Option(True, "--log/--no-log", help="Log the files to the sweep's parent run."),
 ) -> None:
     """Fig. 3 (test Dice vs learning rate) and Table 1 (per-label Dice at one lr) from the MLflow runs."""
@@ -143,7 +143,7 @@ def ui(
     host: str = typer.Option(
         "127.0.0.1", "--host", help="Interface to bind (0.0.0.0 exposes it to the network)."
     ),
-    tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store [default: as medexp train]."),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store (default: as medexp train)."),
 ) -> None:
     """MLflow UI over the project's store; Ctrl-C stops the server and every process it started."""
     from medexp import tracking
@@ -192,3 +192,25 @@ def data_check(ctx: typer.Context) -> None:
     except USER_ERRORS as err:
         fail("data check", err)
     raise typer.Exit(code)
+
+
+@app.command()
+def predict(
+    run_id: str = typer.Argument(..., help="MLflow run id of a medexp training run."),
+    inputs: list[str] = typer.Option(..., "--input", "-i", help="NIfTI file or folder (repeatable)."),
+    output: str = typer.Option(..., "--output", "-o", help="Folder for the label maps (same file names)."),
+    probabilities: bool = typer.Option(
+        False, "--probabilities", help="Also write <name>_probabilities.nii.gz."
+    ),
+    tracking_uri: str = typer.Option(
+        None, help="MLflow store (default: $MLFLOW_TRACKING_URI or the project's)."
+    ),
+) -> None:
+    """Segment NIfTI volumes with a run's best checkpoint; outputs have the inputs' shape and affine."""
+    from medexp.predict import predict as run_predict
+
+    try:
+        written = run_predict(run_id, inputs, output, probabilities, tracking_uri)
+    except USER_ERRORS as err:
+        fail("predict", err)
+    print(f"wrote {len(written)} label map(s) to {output}")

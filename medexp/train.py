@@ -7,6 +7,7 @@ processes (DDP); under torchrun it is itself one worker. `train_worker` reads to
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -20,7 +21,7 @@ from monai.utils import set_determinism
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from medexp import build, checkpoint, dist
+from medexp import build, checkpoint, dist, plots
 from medexp.config import TrainConfig, flatten, to_yaml, validate
 from medexp.data.base import DataError
 from medexp.data.loaders import make_loader
@@ -154,6 +155,7 @@ def _train(cfg: DictConfig, ctx: dist.DistContext, output_dir: Path, job: dict, 
                 best = max(best, metrics["val/dice_mean"])
             if ctx.is_main:
                 state = _state(model, optimizer, scheduler, epoch, best, cfg, run_id, metrics)
+                state["info"] = dataclasses.asdict(info)  # classes, channels, shape: enough to predict
                 if improved:
                     checkpoint.save_atomic(state, ckpt_dir / "best.pt")
                 checkpoint.save_atomic(state, ckpt_dir / "last.pt")
@@ -169,6 +171,19 @@ def _train(cfg: DictConfig, ctx: dist.DistContext, output_dir: Path, job: dict, 
     result: dict[str, Any] = {"run_id": run_id, "status": "diverged" if diverged_at else "finished"}
     if ctx.is_main:
         result.update(_test(cfg, model, parts["test"], info, ctx, ckpt_dir, output_dir, tracker, loader_args))
+        if cfg.tracking.get(
+            "log_plots", True
+        ):  # learning curves, Fig. 4-style overlays, learned Gabor kernels
+            plots.log_run_plots(
+                tracker,
+                model,
+                parts["test"],
+                info,
+                output_dir,
+                uri=uri,
+                device=ctx.device,
+                predictions="test" in result,
+            )
         tags = {"diverged": str(diverged_at is not None).lower(), "train_seconds": f"{train_seconds:.1f}"}
         tags.update(ranks_in_sync=str(in_sync).lower(), world_size=ctx.world_size)
         tracker.set_tags({**tags, **({"diverged_epoch": diverged_at} if diverged_at else {})})

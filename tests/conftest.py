@@ -14,6 +14,7 @@ TINY = [
     "dataset.num_cases=8",
     "trainer.max_epochs=2",
     "trainer.progress=false",
+    "tracking.log_plots=false",  # the plots cost seconds per run; test_train_e2e checks them once
 ]
 
 

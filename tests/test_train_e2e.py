@@ -12,7 +12,7 @@ from medexp import checkpoint
 
 
 def test_single_run_logs_params_metrics_and_artifacts(workdir: Path):
-    result = run_medexp(["train", *TINY, "experiment_name=e2e"], cwd=workdir)
+    result = run_medexp(["train", *TINY, "tracking.log_plots=true", "experiment_name=e2e"], cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(store_uri(workdir))
     exp = client.get_experiment_by_name("e2e")
@@ -22,13 +22,17 @@ def test_single_run_logs_params_metrics_and_artifacts(workdir: Path):
     # params: the flattened resolved config
     assert run.data.params["trainer.max_epochs"] == "2"
     assert run.data.params["loss._target_"] == "medexp.losses.PCCLoss"
-    assert run.data.params["model.num_parameters"] == str(
-        4_989_812 - (180 * 20 + 20) + (180 * 6 + 6)
-    ), "the paper's network with a 6-class plain head"
+    assert run.data.params["model.num_parameters"] == str(4_989_812 - (180 * 20 + 20) + (180 * 6 + 6)), (
+        "the paper's network with a 6-class plain head"
+    )
     # tags
     tags = run.data.tags
     assert (tags["kernel"], tags["loss"], tags["head"], tags["model"], tags["split"]) == (
-        "conventional", "pcc", "plain", "wong2022", "0",
+        "conventional",
+        "pcc",
+        "plain",
+        "wong2022",
+        "0",
     )
     assert tags["lr"] == "0.001" and tags["diverged"] == "false"
     # metrics: one train/loss and val/dice_mean per epoch, test metrics at the end
@@ -41,7 +45,9 @@ def test_single_run_logs_params_metrics_and_artifacts(workdir: Path):
     assert abs(run.data.metrics["test/dice_mean"] - sum(per_label) / 5) < 1e-6, "mean over foreground labels"
     # artifacts: resolved config, per-case CSV, best checkpoint
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "test_metrics.csv", "checkpoints"} <= artifacts
+    assert {"config.yaml", "test_metrics.csv", "checkpoints", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert any("curves" in p for p in plots) and any("overlay" in p for p in plots), plots
     local = Path(client.download_artifacts(run.info.run_id, "test_metrics.csv", str(workdir / "dl")))
     rows = list(csv.DictReader(local.open()))
     assert len(rows) == 2 * 5, "2 test cases x 5 foreground labels"
@@ -54,7 +60,15 @@ def test_single_run_logs_params_metrics_and_artifacts(workdir: Path):
 
 
 def test_multirun_makes_four_child_runs_under_one_parent(workdir: Path):
-    args = ["train", "-m", "loss=pcc,dice", "lr=1e-3,1e-2", *TINY, "trainer.max_epochs=1", "experiment_name=sweep"]
+    args = [
+        "train",
+        "-m",
+        "loss=pcc,dice",
+        "lr=1e-3,1e-2",
+        *TINY,
+        "trainer.max_epochs=1",
+        "experiment_name=sweep",
+    ]
     result = run_medexp(args, cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(store_uri(workdir))
@@ -85,7 +99,9 @@ def test_evaluate_reproduces_test_metrics_and_best_validation(workdir: Path):
     for key in ("test/dice_mean", "test/hd95_mean", "test/dice/large1"):
         assert after[key] == pytest.approx(before[key], abs=1e-6), "same checkpoint, same cases, same numbers"
     best_val = max(m.value for m in client.get_metric_history(run.info.run_id, "val/dice_mean"))
-    assert after["val_best/dice_mean"] == pytest.approx(best_val, abs=1e-6), "best.pt is the best validation epoch"
+    assert after["val_best/dice_mean"] == pytest.approx(best_val, abs=1e-6), (
+        "best.pt is the best validation epoch"
+    )
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
 
 
