@@ -15,11 +15,15 @@ from medexp.metrics import case_metrics
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, image: torch.Tensor, roi_size: Sequence[int], overlap: float = 0.25) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module, image: torch.Tensor, roi_size: Sequence[int], overlap: float = 0.25
+) -> torch.Tensor:
     """Logits (B, K, *spatial) for an image (B, C, *spatial); windows of `roi_size` for larger images."""
     if tuple(image.shape[2:]) == tuple(roi_size):
         return model(image)
-    return sliding_window_inference(image, roi_size=list(roi_size), sw_batch_size=1, predictor=model, overlap=overlap)
+    return sliding_window_inference(
+        image, roi_size=list(roi_size), sw_batch_size=1, predictor=model, overlap=overlap
+    )
 
 
 @torch.no_grad()
@@ -54,7 +58,9 @@ def evaluate(
     return ids, {m: np.concatenate(v, axis=0) for m, v in values.items()}
 
 
-def foreground_means(values: dict[str, np.ndarray], label_names: Sequence[str], prefix: str) -> dict[str, float]:
+def foreground_means(
+    values: dict[str, np.ndarray], label_names: Sequence[str], prefix: str
+) -> dict[str, float]:
     """{prefix/<metric>_mean, prefix/<metric>/<label>}: means over cases, `_mean` also over foreground labels."""
     out = {}
     for metric, table in values.items():  # table: (cases, K-1)
@@ -65,7 +71,9 @@ def foreground_means(values: dict[str, np.ndarray], label_names: Sequence[str], 
     return out
 
 
-def write_case_csv(path: str | Path, ids: Sequence[str], values: dict[str, np.ndarray], label_names: Sequence[str]):
+def write_case_csv(
+    path: str | Path, ids: Sequence[str], values: dict[str, np.ndarray], label_names: Sequence[str]
+):
     """One row per (case, foreground label) with one column per metric."""
     path = Path(path)
     metrics = list(values)

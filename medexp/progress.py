@@ -4,7 +4,14 @@ in logs, and the closing summary table."""
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 
@@ -47,7 +54,9 @@ class TrainProgress:
         info = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
         self.progress.update(self.epochs, completed=epoch, info=info)
         if self.enabled and not self.live:
-            self.console.print(f"epoch {epoch}/{self.max_epochs} {info}{' (best)' if best else ''}", highlight=False)
+            self.console.print(
+                f"epoch {epoch}/{self.max_epochs} {info}{' (best)' if best else ''}", highlight=False
+            )
 
     def skip_to(self, epoch: int) -> None:
         self.progress.update(self.epochs, completed=epoch)

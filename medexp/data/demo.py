@@ -61,7 +61,9 @@ def make_case(rng: np.random.Generator, shape: tuple[int, ...], num_classes: int
     # Class means 0.5 apart (background 0), interleaved so that nested structures differ in contrast.
     means = np.arange(num_classes) * 0.5 * rng.uniform(0.95, 1.05)
     means[1:] = means[1:][_class_order(num_classes - 1)]
-    bias = 1.0 + 0.05 * sum(np.sin(g / s * np.pi * rng.uniform(0.5, 1.5)) for g, s in zip(grid, size, strict=True))
+    bias = 1.0 + 0.05 * sum(
+        np.sin(g / s * np.pi * rng.uniform(0.5, 1.5)) for g, s in zip(grid, size, strict=True)
+    )
     image = means[label] * bias + rng.normal(0.0, noise, shape)
     return image.astype(np.float32), label
 
@@ -96,12 +98,16 @@ class DemoDataset:
     ) -> None:
         shape = [int(s) for s in shape]
         if len(shape) != spatial_dims:
-            raise DataError(f"dataset.shape {shape} has {len(shape)} sizes but dataset.spatial_dims={spatial_dims}")
+            raise DataError(
+                f"dataset.shape {shape} has {len(shape)} sizes but dataset.spatial_dims={spatial_dims}"
+            )
         if num_classes < 2:
             raise DataError(f"dataset.num_classes must be >= 2, got {num_classes}")
         if min(shape) < 8:
             raise DataError(f"dataset.shape {shape}: every size must be >= 8")
-        self.settings = dict(num_cases=num_cases, num_classes=num_classes, shape=shape, noise=noise, seed=seed)
+        self.settings = dict(
+            num_cases=num_cases, num_classes=num_classes, shape=shape, noise=noise, seed=seed
+        )
         key = hashlib.sha1(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:10]
         self.folder = Path(root) / f"demo{spatial_dims}d-{key}"
         self.info = DatasetInfo(
@@ -120,7 +126,10 @@ class DemoDataset:
         if not manifest.exists():
             self._generate()
         entries = json.loads(manifest.read_text())["training"]
-        return [{"id": Path(e["label"]).name.split(".")[0], **{k: str(self.folder / e[k]) for k in e}} for e in entries]
+        return [
+            {"id": Path(e["label"]).name.split(".")[0], **{k: str(self.folder / e[k]) for k in e}}
+            for e in entries
+        ]
 
     def _generate(self) -> None:
         for sub in ("imagesTr", "labelsTr"):

@@ -43,7 +43,9 @@ def make_splits(case_ids: list[str], n_splits: int = 5, seed: int = 0) -> list[d
     return splits
 
 
-def load_or_make_splits(folder: str | Path, case_ids: list[str], n_splits: int = 5, seed: int = 0) -> list[dict]:
+def load_or_make_splits(
+    folder: str | Path, case_ids: list[str], n_splits: int = 5, seed: int = 0
+) -> list[dict]:
     """Read folder/splits-<n>-<seed>.json if it matches the cases, else make and save it atomically."""
     path = Path(folder) / f"splits-{n_splits}-seed{seed}.json"
     if path.exists():

@@ -58,7 +58,9 @@ class KernelFactory:
             return "conventional" if level in self.conventional_levels else "gabor"
         return self.kind
 
-    def __call__(self, in_channels: int, out_channels: int, *, level: int, spatial_dims: int = 3) -> nn.Module:
+    def __call__(
+        self, in_channels: int, out_channels: int, *, level: int, spatial_dims: int = 3
+    ) -> nn.Module:
         """A spatial convolution (with bias) that keeps the spatial size."""
         if self.kind_at(level) == "conventional":
             return conv_nd(spatial_dims)(

@@ -59,7 +59,9 @@ class ResidualBlock(nn.Module):
                 for cin, cout in zip(widths[:-1], widths[1:], strict=True)
             ]
         )
-        self.residual = ConvNormAct(conv_nd(spatial_dims)(in_channels, out_channels, 1, bias=True), out_channels)
+        self.residual = ConvNormAct(
+            conv_nd(spatial_dims)(in_channels, out_channels, 1, bias=True), out_channels
+        )
         self.dropout = dropout_nd(spatial_dims, dropout)
         self.kernel_kind = kernel.kind_at(level)
 
@@ -122,7 +124,9 @@ class WongNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         factor = 2 ** (self.levels - 1)
         if any(s % factor for s in x.shape[2:]):
-            raise ValueError(f"WongNet needs spatial sizes divisible by {factor}, got input shape {tuple(x.shape)}")
+            raise ValueError(
+                f"WongNet needs spatial sizes divisible by {factor}, got input shape {tuple(x.shape)}"
+            )
         if self.input_layer is not None:
             x = self.input_layer(x)
         skips = []
@@ -136,7 +140,9 @@ class WongNet(nn.Module):
             decoded.append(x)
         full_size = skips[0].shape[2:]
         # Deep supervision: every decoder output at full size, concatenated -> (B, 12+24+48+96, *spatial).
-        features = torch.cat([self._upsample(d, full_size) if d.shape[2:] != full_size else d for d in decoded], 1)
+        features = torch.cat(
+            [self._upsample(d, full_size) if d.shape[2:] != full_size else d for d in decoded], 1
+        )
         return self.head(features)
 
 
