@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from medexp.data.base import DataError
 from medexp.data.demo import DemoDataset, make_case
@@ -18,8 +19,10 @@ def test_demo_case_is_deterministic_and_has_very_different_label_sizes():
     fractions = np.bincount(a[1].ravel(), minlength=6) / a[1].size
     assert (fractions > 0).all(), "every label is present"
     assert fractions[1] > 0.1, "a large structure (>10% of the volume)"
-    assert fractions[5] < 0.005, "a tiny structure (<0.5% of the volume)"
-    assert fractions[1] / fractions[5] > 50
+    blobs, count = ndimage.label(a[1] == 5)
+    sizes = np.bincount(blobs.ravel())[1:] / a[1].size
+    assert 1 <= count <= 3 and sizes.max() < 0.002, "tiny structures: blobs of < 0.2% of the volume each"
+    assert fractions[1] / sizes.max() > 100, "two orders of magnitude between the largest and a tiny structure"
 
 
 def test_demo_dataset_writes_nifti_once(tmp_path):

@@ -20,6 +20,7 @@ import numpy as np
 from medexp.data.base import DataError, DatasetInfo
 
 SIZE_NAMES = ("large", "large", "medium", "small", "tiny")
+GENERATOR_VERSION = 2  # part of the cache key: bump when make_case changes
 
 
 def label_names(num_classes: int) -> list[str]:
@@ -50,14 +51,19 @@ def make_case(rng: np.random.Generator, shape: tuple[int, ...], num_classes: int
     if num_classes > 2:
         inner_r = outer_r * rng.uniform(0.55, 0.65, len(shape))
         label[_ellipsoid(grid, outer_c + rng.uniform(-0.05, 0.05, len(shape)) * size, inner_r)] = 2
-    # Smaller structures: radii shrink geometrically from ~11% of the volume side, to no less than 2 voxels.
+    # Smaller structures: radii shrink geometrically from ~11% of the volume side, to no less than 2 voxels;
+    # the smaller a structure, the more blobs it has (medium 1, small 2, tiny 3), like paired brain nuclei.
     for k in range(3, num_classes):
-        radius = size.min() * 0.11 * 0.8 ** (k - 3) * rng.uniform(0.9, 1.1, len(shape))
-        radius = np.maximum(radius, 2.0)
-        offset = rng.uniform(-1, 1, len(shape))
-        offset *= rng.uniform(0.2, 0.6) / np.linalg.norm(offset)
-        centre = outer_c + offset * (outer_r - radius)
-        label[_ellipsoid(grid, centre, radius)] = k
+        for _ in range(min(k - 2, 3)):
+            radius = size.min() * 0.11 * 0.8 ** (k - 3) * rng.uniform(0.9, 1.1, len(shape))
+            radius = np.maximum(radius, 2.0)
+            for _attempt in range(50):  # keep blobs apart: a blob may only cover the two large structures
+                offset = rng.uniform(-1, 1, len(shape))
+                offset *= rng.uniform(0.2, 0.7) / np.linalg.norm(offset)
+                blob = _ellipsoid(grid, outer_c + offset * (outer_r - radius), radius * 1.5)
+                if (label[blob] <= 2).all():
+                    break
+            label[_ellipsoid(grid, outer_c + offset * (outer_r - radius), radius)] = k
     # Class means 0.5 apart (background 0), interleaved so that nested structures differ in contrast.
     means = np.arange(num_classes) * 0.5 * rng.uniform(0.95, 1.05)
     means[1:] = means[1:][_class_order(num_classes - 1)]
@@ -106,7 +112,12 @@ class DemoDataset:
         if min(shape) < 8:
             raise DataError(f"dataset.shape {shape}: every size must be >= 8")
         self.settings = dict(
-            num_cases=num_cases, num_classes=num_classes, shape=shape, noise=noise, seed=seed
+            num_cases=num_cases,
+            num_classes=num_classes,
+            shape=shape,
+            noise=noise,
+            seed=seed,
+            version=GENERATOR_VERSION,
         )
         key = hashlib.sha1(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:10]
         self.folder = Path(root) / f"demo{spatial_dims}d-{key}"
