@@ -61,7 +61,7 @@ def evaluate(
 def foreground_means(
     values: dict[str, np.ndarray], label_names: Sequence[str], prefix: str
 ) -> dict[str, float]:
-    """{prefix/<metric>_mean, prefix/<metric>/<label>}: means over cases, `_mean` also over foreground labels."""
+    """{prefix/<metric>_mean, prefix/<metric>/<label>}: case means; `_mean` also over foreground labels."""
     out = {}
     for metric, table in values.items():  # table: (cases, K-1)
         per_label = np.nanmean(table, axis=0)

@@ -76,10 +76,9 @@ class Predictor:
             raise DataError(f"{path}: cannot read as NIfTI ({type(err).__name__}: {err})") from err
         data = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0) if data.ndim == 4 else None
         if data is None or data.shape[0] != self.info.in_channels:
-            raise DataError(
-                f"{path}: shape {img.shape} does not fit the model: expected a 3D volume"
-                f"{'' if self.info.in_channels == 1 else f' with {self.info.in_channels} channels (4D, last axis)'}"
-            )
+            channels = self.info.in_channels
+            expected = "a 3D volume" if channels == 1 else f"a 4D volume with {channels} channels on the last axis"
+            raise DataError(f"{path}: shape {img.shape} does not fit the model: expected {expected}")
         if not np.isfinite(data).all():
             raise DataError(f"{path}: contains NaN or infinite voxels")
         return data, img

@@ -234,7 +234,7 @@ def _ranks_in_sync(model, ctx: dist.DistContext) -> bool:
 
 
 def _train_epoch(net, loader, loss_fn, optimizer, numerics, ctx, bar) -> float:
-    """One pass over the training loader; returns the mean loss (NaN as soon as a step's loss is not finite)."""
+    """One pass over the training loader; the mean loss, or NaN as soon as a step's loss is not finite."""
     autocast, scaler, memory_format = numerics
     net.train()
     total, count = 0.0, 0
@@ -299,7 +299,7 @@ def _state(
 
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """The config stored in the checkpoint to resume, with this command's trainer.* and tracking_uri overrides.
+    """The config stored in the checkpoint to resume, with the command's trainer.* and tracking_uri overrides.
 
     The run's model, loss, data and learning rate are what it was started with; only the budget and
     hardware (e.g. trainer.max_epochs=400, trainer.devices=2) may change on resume. The stored config is
@@ -316,7 +316,7 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
 
 def _resume_state(resume: str, device: torch.device) -> tuple[Path, dict]:
-    """(output dir, last checkpoint) of the run to resume: an output dir, a checkpoint file or an MLflow run id."""
+    """(output dir, last checkpoint) of the run to resume: an output dir, checkpoint file or MLflow run id."""
     path = Path(resume)
     if path.is_file():
         file = path

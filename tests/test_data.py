@@ -22,7 +22,7 @@ def test_demo_case_is_deterministic_and_has_very_different_label_sizes():
     blobs, count = ndimage.label(a[1] == 5)
     sizes = np.bincount(blobs.ravel())[1:] / a[1].size
     assert 1 <= count <= 3 and sizes.max() < 0.002, "tiny structures: blobs of < 0.2% of the volume each"
-    assert fractions[1] / sizes.max() > 100, "two orders of magnitude between the largest and a tiny structure"
+    assert fractions[1] / sizes.max() > 100, "two orders of magnitude from the largest to a tiny structure"
 
 
 def test_demo_dataset_writes_nifti_once(tmp_path):

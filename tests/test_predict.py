@@ -6,9 +6,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import TINY, run_medexp, store_uri
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, run_medexp, store_uri
 from medexp.data.demo import make_case
 
 

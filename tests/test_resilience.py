@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import TINY, run_medexp, store_uri
+from mlflow.tracking import MlflowClient
 
 # Deterministic, comparable runs: no augmentation, no dropout, an even number of training cases.
 EXACT = [*TINY, "dataset.num_cases=10", "augment=none", "model.dropout=0.0", "trainer.max_epochs=2"]

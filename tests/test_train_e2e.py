@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, run_medexp, store_uri
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, run_medexp, store_uri
 from medexp import checkpoint
 
 

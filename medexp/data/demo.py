@@ -2,7 +2,8 @@
 
 Each case is a noisy image of nested ellipsoids and blobs whose labels have very different sizes, like the
 brain structures of Wong & Moradi Table 1a: two large structures (tens of % of the volume), a medium one
-and progressively smaller ones down to a few dozen voxels (radius >= 2 voxels). Every class has its own mean intensity, with
+and progressively smaller ones down to a few dozen voxels (radius >= 2 voxels, up to three blobs each).
+Every class has its own mean intensity, with
 per-case contrast jitter, a smooth bias field and Gaussian noise, so the task is learnable in minutes on a
 CPU but not by thresholding alone. Cases are written once as NIfTI (imagesTr/labelsTr, dataset.json) under
 `root`, keyed by the generation settings, and read back through the same loaders as real data.
