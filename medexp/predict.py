@@ -77,7 +77,7 @@ class Predictor:
         data = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0) if data.ndim == 4 else None
         if data is None or data.shape[0] != self.info.in_channels:
             channels = self.info.in_channels
-            expected = "a 3D volume" if channels == 1 else f"a 4D volume with {channels} channels on the last axis"
+            expected = "a 3D volume" if channels == 1 else f"a 4D volume with {channels} channels (last axis)"
             raise DataError(f"{path}: shape {img.shape} does not fit the model: expected {expected}")
         if not np.isfinite(data).all():
             raise DataError(f"{path}: contains NaN or infinite voxels")
