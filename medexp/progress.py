@@ -23,6 +23,7 @@ class TrainProgress:
         self.console = Console(stderr=True)
         self.live = enabled and self.console.is_terminal
         self.max_epochs = max_epochs
+        self.prefix = "" if title == "train" else f"{title} "  # "job 3/225 " in a sweep
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -55,7 +56,8 @@ class TrainProgress:
         self.progress.update(self.epochs, completed=epoch, info=info)
         if self.enabled and not self.live:
             self.console.print(
-                f"epoch {epoch}/{self.max_epochs} {info}{' (best)' if best else ''}", highlight=False
+                f"{self.prefix}epoch {epoch}/{self.max_epochs} {info}{' (best)' if best else ''}",
+                highlight=False,
             )
 
     def skip_to(self, epoch: int) -> None:
