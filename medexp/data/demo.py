@@ -21,7 +21,7 @@ import numpy as np
 from medexp.data.base import DataError, DatasetInfo
 
 SIZE_NAMES = ("large", "large", "medium", "small", "tiny")
-GENERATOR_VERSION = 2  # part of the cache key: bump when make_case changes
+GENERATOR_VERSION = 3  # part of the cache key: bump when make_case changes
 
 
 def label_names(num_classes: int) -> list[str]:
@@ -65,10 +65,11 @@ def make_case(rng: np.random.Generator, shape: tuple[int, ...], num_classes: int
                 if (label[blob] <= 2).all():
                     break
             label[_ellipsoid(grid, outer_c + offset * (outer_r - radius), radius)] = k
-    # Class means 0.5 apart (background 0), interleaved so that nested structures differ in contrast.
-    means = np.arange(num_classes) * 0.5 * rng.uniform(0.95, 1.05)
+    # Class means 1.0 apart (background 0; noise 0.15 by default), interleaved so that nested structures
+    # differ in contrast; a weak smooth bias field (+-9%).
+    means = np.arange(num_classes) * rng.uniform(0.95, 1.05)
     means[1:] = means[1:][_class_order(num_classes - 1)]
-    bias = 1.0 + 0.05 * sum(
+    bias = 1.0 + 0.03 * sum(
         np.sin(g / s * np.pi * rng.uniform(0.5, 1.5)) for g, s in zip(grid, size, strict=True)
     )
     image = means[label] * bias + rng.normal(0.0, noise, shape)
