@@ -18,7 +18,7 @@ TINY = [
 ]
 
 
-def run_medexp(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None):
+def run_medexp(args: list[str], cwd: Path, timeout: int = 1500, env: dict | None = None):
     """`medexp ARGS` in a subprocess (the installed entry point's module), capturing output."""
     full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     full_env.update(env or {})

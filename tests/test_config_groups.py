@@ -53,7 +53,7 @@ def _children(cwd: Path, experiment: str):
 
 
 def test_every_kernel_and_head_trains_one_epoch_on_demo_data(workdir: Path):
-    args = ["train", "-m", f"kernel={','.join(KERNELS)}", f"head={','.join(HEADS)}", *TINY]
+    args = ["train", "-m", f"kernel={','.join(KERNELS)}", f"head={','.join(HEADS)}", *TINY, SMALL_WONG]
     result = run_medexp(
         [*args, "trainer.max_epochs=1", "eval.metrics=[dice]", "experiment_name=zoo"], cwd=workdir
     )
@@ -68,7 +68,15 @@ def test_every_kernel_and_head_trains_one_epoch_on_demo_data(workdir: Path):
 
 def test_every_loss_trains_one_epoch_on_demo_data(workdir: Path):
     losses = group_choices("loss")
-    args = ["train", "-m", f"loss={','.join(losses)}", *TINY, "trainer.max_epochs=1", "eval.metrics=[dice]"]
+    args = [
+        "train",
+        "-m",
+        f"loss={','.join(losses)}",
+        *TINY,
+        SMALL_WONG,
+        "trainer.max_epochs=1",
+        "eval.metrics=[dice]",
+    ]
     result = run_medexp([*args, "experiment_name=losses"], cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = _children(workdir, "losses")
