@@ -42,7 +42,7 @@ class ConfigError(Exception):
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 40
+    max_epochs: int = 100
     devices: int = 1
     accelerator: str = "auto"
     batch_size: int = 2

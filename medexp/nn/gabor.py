@@ -294,8 +294,8 @@ class _GaborConvNd(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """'Same'-padded, stride-1 convolution with the generated kernel: (B, cin, *S) -> (B, cout, *S).
 
-        impl "direct" is F.conv{2,3}d, "fft" is `medexp.nn.fftconv.fft_conv`, "auto" the faster of the two
-        for this input shape (measured once per shape, see `medexp.nn.fftconv.choose_impl`).
+        impl "direct" is F.conv{2,3}d, "fft" `medexp.nn.fftconv.fft_conv`, "gemm" im2col + GEMM, "auto" the
+        fastest for this input shape (measured once per shape, see `medexp.nn.fftconv.choose_impl`).
         """
         if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
             raise ValueError(
@@ -321,8 +321,8 @@ class GaborConv3d(_GaborConvNd):
         in_channels, out_channels: channel counts.
         kernel_size: odd size k of the generated k^3 kernel (7 in the paper).
         bias: add a learnable bias per output channel.
-        impl: "direct" (F.conv3d), "fft" (convolution theorem, `medexp.nn.fftconv`) or "auto" (the faster
-            of the two, measured once per input shape).
+        impl: "direct" (F.conv3d), "fft" (convolution theorem, `medexp.nn.fftconv`), "gemm" (im2col +
+            GEMM, for small volumes) or "auto" (the fastest, measured once per input shape).
     """
 
     spatial_dims = 3
