@@ -133,69 +133,60 @@ def gabor_kernel2d(
 # of inner size 4.
 
 
-def _axis_factor(omega: Tensor, envelope: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
-    """g(r) e^{i omega r} as (re, im), each (pairs, k); omega (pairs, 1), envelope (pairs, k)."""
-    phase = omega * r  # (pairs, k)
-    return envelope * torch.cos(phase), envelope * torch.sin(phase)
+def _separable_kernel(sigma, direction, a_re, a_im, f_re, f_im, psi, size: int) -> Tensor:
+    """Eq. 2 from per-axis complex factors, for any number of axes.
 
+    Args:
+        sigma, a_re, a_im, f_re, f_im, psi: (pairs,) tensors.
+        direction: (pairs, d) unit direction u of x' = u . (first axis, ..., last axis).
+        size: odd kernel size k.
 
-def _rotate(c_re: Tensor, c_im: Tensor, re: Tensor, im: Tensor) -> tuple[Tensor, Tensor]:
-    """(c_re + i c_im) (re + i im) with c of shape (pairs, 1)."""
-    return c_re * re - c_im * im, c_re * im + c_im * re
-
-
-def _term_coefficients(a_re, a_im, psi) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """c for the cosine term (a_re e^{i psi}) and the sine term (-i a_im e^{i psi}), as (re, im)."""
-    cos_psi, sin_psi = torch.cos(psi), torch.sin(psi)
-    return (a_re * cos_psi, a_re * sin_psi), (a_im * sin_psi, -a_im * cos_psi)
+    Returns:
+        (pairs, k^(d-1), k) kernels, axes in the order of `direction`.
+    """
+    r = _offsets(size, sigma)  # (k,)
+    pairs, d = direction.shape
+    envelope = torch.exp(-(r * r) / (2 * sigma[:, None] ** 2))  # (pairs, k): the 1D Gaussian g
+    omega = 2 * math.pi * direction[:, :, None] * torch.stack([f_re, f_im], 1)[:, None, :]  # (pairs, d, 2)
+    # g(r) e^{i omega r} for every axis (dim 1) and the cosine and sine term (dim 3): (pairs, d, k, 2)
+    factors = torch.polar(envelope[:, None, :, None].expand(-1, d, -1, 2), omega[:, :, None, :] * r[:, None])
+    zero = torch.zeros_like(a_re)
+    coef = torch.complex(torch.stack([a_re, zero], 1), torch.stack([zero, -a_im], 1))  # (a_re, -i a_im)
+    coef = coef * torch.polar(torch.ones_like(psi), psi)[:, None]  # (pairs, 2): c = (a_re, -i a_im) e^{i psi}
+    lead = coef[:, None, :] * factors[:, 0]  # (pairs, k, 2): c times the first axis' factor
+    for axis in range(1, d - 1):
+        lead = (lead[:, :, None, :] * factors[:, axis, None, :, :]).flatten(1, 2)  # (pairs, k^(axis+1), 2)
+    # Re(lead last) summed over both terms = [re, im] of lead . [re, im] of conj(last): a GEMM of inner size 4
+    left = torch.view_as_real(lead).reshape(pairs, -1, 4)  # (pairs, k^(d-1), term * re/im)
+    right = torch.view_as_real(factors[:, -1].conj().resolve_conj())  # (pairs, k, term, re/im)
+    return torch.bmm(left, right.reshape(pairs, size, 4).transpose(1, 2))  # (pairs, k^(d-1), k)
 
 
 def gabor_kernel3d_fused(sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi, size: int) -> Tensor:
     """`gabor_kernel3d` (eq. 2) by separable factors: same arguments, same (cout, cin, k, k, k) result.
 
     About 10x fewer transcendental and elementwise operations than the direct formula; the k^3 values are
-    written once, by a batched GEMM, which keeps generation negligible next to the convolution.
+    written once, by a batched GEMM.
     """
     names = (sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi)
     _check_pair_params(dict(zip(NAMES_3D, names, strict=True)))
     cout, cin = sigma.shape
-    r = _offsets(size, sigma).view(1, size)
-    flat = [t.reshape(-1, 1) for t in (sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi)]  # (pairs, 1)
-    sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi = flat
-    envelope = torch.exp(-(r * r) / (2 * sigma**2))  # (pairs, k): the Gaussian is separable too
+    sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi = (t.reshape(-1) for t in names)  # (pairs,)
     cos_y = torch.cos(theta_y)
-    direction = (cos_y * torch.cos(theta_z), -cos_y * torch.sin(theta_z), torch.sin(theta_y))  # x', per axis
-    left, right = [], []
-    for f, (c_re, c_im) in zip((f_re, f_im), _term_coefficients(a_re, a_im, psi), strict=True):
-        omega = [2 * math.pi * f * u for u in direction]  # (pairs, 1) per axis x, y, z
-        z_re, z_im = _rotate(c_re, c_im, *_axis_factor(omega[2], envelope, r))  # c * z-factor, (pairs, k)
-        y_re, y_im = _axis_factor(omega[1], envelope, r)
-        # (c z-factor)(y-factor) as (pairs, k_z, k_y) -> (pairs, k_z k_y)
-        zy_re = (z_re[:, :, None] * y_re[:, None, :] - z_im[:, :, None] * y_im[:, None, :]).flatten(1)
-        zy_im = (z_re[:, :, None] * y_im[:, None, :] + z_im[:, :, None] * y_re[:, None, :]).flatten(1)
-        x_re, x_im = _axis_factor(omega[0], envelope, r)
-        left += [zy_re, -zy_im]  # Re(v w) = v_re w_re - v_im w_im
-        right += [x_re, x_im]
-    kernel = torch.bmm(torch.stack(left, -1), torch.stack(right, 1))  # (pairs, k^2, 4) @ (pairs, 4, k)
+    # x' = sin(ty) z - cos(ty) sin(tz) y + cos(ty) cos(tz) x: the direction along (D, H, W)
+    direction = torch.stack([torch.sin(theta_y), -cos_y * torch.sin(theta_z), cos_y * torch.cos(theta_z)], 1)
+    kernel = _separable_kernel(sigma, direction, a_re, a_im, f_re, f_im, psi, size)  # (pairs, k^2, k)
     return kernel.view(cout, cin, size, size, size)  # (cout, cin, D, H, W)
 
 
 def gabor_kernel2d_fused(sigma, theta, a_re, a_im, f_re, f_im, psi, size: int) -> Tensor:
     """`gabor_kernel2d` by separable factors (see `gabor_kernel3d_fused`): (cout, cin, k, k)."""
-    _check_pair_params(dict(zip(NAMES_2D, (sigma, theta, a_re, a_im, f_re, f_im, psi), strict=True)))
+    names = (sigma, theta, a_re, a_im, f_re, f_im, psi)
+    _check_pair_params(dict(zip(NAMES_2D, names, strict=True)))
     cout, cin = sigma.shape
-    r = _offsets(size, sigma).view(1, size)
-    flat = [t.reshape(-1, 1) for t in (sigma, theta, a_re, a_im, f_re, f_im, psi)]  # (pairs, 1)
-    sigma, theta, a_re, a_im, f_re, f_im, psi = flat
-    envelope = torch.exp(-(r * r) / (2 * sigma**2))  # (pairs, k)
-    direction = (torch.cos(theta), torch.sin(theta))  # x' = x cos(theta) + y sin(theta)
-    left, right = [], []
-    for f, (c_re, c_im) in zip((f_re, f_im), _term_coefficients(a_re, a_im, psi), strict=True):
-        y_re, y_im = _rotate(c_re, c_im, *_axis_factor(2 * math.pi * f * direction[1], envelope, r))
-        x_re, x_im = _axis_factor(2 * math.pi * f * direction[0], envelope, r)
-        left += [y_re, -y_im]
-        right += [x_re, x_im]
-    kernel = torch.bmm(torch.stack(left, -1), torch.stack(right, 1))  # (pairs, k, 4) @ (pairs, 4, k)
+    sigma, theta, a_re, a_im, f_re, f_im, psi = (t.reshape(-1) for t in names)  # (pairs,)
+    direction = torch.stack([torch.sin(theta), torch.cos(theta)], 1)  # x' along (H, W)
+    kernel = _separable_kernel(sigma, direction, a_re, a_im, f_re, f_im, psi, size)  # (pairs, k, k)
     return kernel.view(cout, cin, size, size)  # (cout, cin, H, W)
 
 

@@ -1,0 +1,383 @@
+"""'Same'-padded convolutions for large kernels: FFT, im2col-GEMM, direct, and a measured choice.
+
+`fft_conv(x, weight, bias)` equals `F.conv3d(x, weight, bias, padding=k // 2)` (or `F.conv2d` in 2D): the
+stride-1 cross-correlation out[n] = sum_m x[n + m - k // 2] w[m] with zero padding, computed as
+
+    out = irfftn( sum over input channels of rfftn(x) * conj(rfftn(w)) )
+
+(the convolution theorem; the conjugate turns convolution into cross-correlation, as in Mathieu et al.,
+"Fast training of convolutional networks through FFTs", ICLR 2014). Per layer the cost is real FFTs of the
+input and output volumes plus cin * cout complex products per frequency, which do not grow with the kernel
+size, against cin * cout * k^d products per voxel for the direct convolution.
+
+Implementation:
+- Overlap-save (Oppenheim & Schafer, Discrete-Time Signal Processing, sec. 8.7): the zero-padded volume is
+  cut into tiles of P voxels per axis overlapping by k - 1, each tile giving P - k + 1 valid outputs. An axis
+  that fits one FFT of length >= n + k // 2 is a single tile (its zero padding absorbs the circular
+  wrap-around). Small tiles keep the per-frequency weights small and give the channel product a batch of
+  tiles, so it is one batched GEMM.
+- Complex products are real GEMMs on interleaved (re, im) pairs: [xr, xi] @ [[wr, wi], [-wi, wr]] =
+  [xr wr - xi wi, xr wi + xi wr], so autograd never meets complex matmuls (slow conjugate paths on CPU).
+- The kernel spectrum is a pruned DFT: the k taps are transformed axis by axis with (P x k) DFT matrices,
+  cheaper than an FFT of the zero-padded kernel when k << P.
+- Autograd runs through torch.fft and the GEMMs, except two hand-written backwards that avoid slow generic
+  ones: rfftn's (a c2r transform instead of a full-size c2c) and the tiling's (overlap-add).
+
+`gemm_conv` (im2col + one GEMM) serves small volumes; `same_conv(..., impl)` dispatches between these and
+F.conv{2,3}d, and `choose_impl` ("auto") times them once per shape and remembers the fastest.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _is_smooth(n: int) -> bool:
+    for p in (2, 3, 5, 7):
+        while n % p == 0:
+            n //= p
+    return n == 1
+
+
+GOOD_SIZES = tuple(n for n in range(4, 1025, 2) if _is_smooth(n))  # even, 7-smooth FFT lengths
+
+# Rough CPU costs (ns) for the tile-size model: per FFT point and log2 of the FFT size (forward + backward,
+# input and output side, copies included), per real GEMM multiply-add, per (frequency, channel pair) of the
+# kernel spectrum. Only the ranking of tile sizes depends on them.
+_COST_FFT, _COST_FFT_COPY, _COST_GEMM, _COST_SPECTRUM = 1.5, 4.0, 0.4, 8.0
+
+
+def good_size(n: int) -> int:
+    """The smallest even 7-smooth FFT length >= n."""
+    return next((s for s in GOOD_SIZES if s >= n), 2 * ((n + 1) // 2))
+
+
+def _format_of(x: Tensor) -> torch.memory_format:
+    """channels-last when x is laid out channels-innermost (also for one channel), else contiguous."""
+    fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    return fmt if x.is_contiguous(memory_format=fmt) and x.stride(1) == 1 else torch.contiguous_format
+
+
+def plan_tiles(
+    spatial: tuple[int, ...],
+    kernel: tuple[int, ...],
+    cin: int,
+    cout: int,
+    batch: int = 1,
+    tile: int | None = None,
+) -> tuple[tuple[int, int, int], ...]:
+    """Per axis (fft size P, valid outputs per tile T, number of tiles), by a simple cost model.
+
+    Args:
+        spatial: input sizes (D, H, W) or (H, W).
+        kernel: odd kernel sizes per axis.
+        cin, cout, batch: channel counts and batch size, weigh the FFT against the channel GEMM.
+        tile: force this FFT size per axis (axes that fit a smaller single FFT still use it).
+    """
+    largest = max(good_size(n + k // 2) for n, k in zip(spatial, kernel, strict=True))
+    smallest = max(2 * (max(kernel) - 1), 4)  # the overlap (k - 1) must fit in one tile's valid part
+    candidates = [tile] if tile else [p for p in GOOD_SIZES if smallest <= p <= largest] or [largest]
+    best, best_cost = None, math.inf
+    for size in candidates:
+        axes = tuple(_axis_plan(n, k, size) for n, k in zip(spatial, kernel, strict=True))
+        points = math.prod(p * t for p, _, t in axes)  # FFT points per channel and batch item
+        freqs = math.prod(p for p, _, _ in axes[:-1]) * (axes[-1][0] // 2 + 1)
+        tiles = batch * math.prod(t for _, _, t in axes)
+        log_size = math.log2(math.prod(p for p, _, _ in axes))
+        cost = (_COST_FFT * log_size + _COST_FFT_COPY) * points * batch * (cin + cout)
+        cost += _COST_GEMM * 3 * freqs * tiles * 4 * cin * cout + _COST_SPECTRUM * freqs * cin * cout
+        if cost < best_cost:
+            best, best_cost = axes, cost
+    return best
+
+
+def _axis_plan(n: int, k: int, size: int) -> tuple[int, int, int]:
+    single = good_size(n + k // 2)
+    if single <= size:
+        return single, n, 1
+    valid = size - (k - 1)
+    return size, valid, -(-n // valid)
+
+
+@lru_cache(maxsize=256)
+def _dft_cos_sin(
+    k: int, size: int, rows: int, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """cos and sin of 2 pi f m / size for frequencies f < rows and taps m < k: two (rows, k) matrices."""
+    angle = (
+        2
+        * math.pi
+        * torch.outer(torch.arange(rows, dtype=torch.float64), torch.arange(k, dtype=torch.float64))
+    )
+    angle = angle / size
+    return torch.cos(angle).to(device, dtype), torch.sin(angle).to(device, dtype)
+
+
+@lru_cache(maxsize=256)
+def _dft_block(k: int, size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(2 size, 2 k) real block [[C, -S], [S, C]]: [re; im] of k taps -> [re; im] of their conj. DFT."""
+    c, s = _dft_cos_sin(k, size, size, device, dtype)
+    return torch.cat([torch.cat([c, -s], 1), torch.cat([s, c], 1)], 0)
+
+
+def kernel_spectrum(weight: Tensor, sizes: tuple[int, ...]) -> Tensor:
+    """conj(rfftn(w zero-padded to `sizes`)) as real GEMM blocks, by a pruned DFT over the taps.
+
+    Args:
+        weight: (cout, cin, k_0, ..., k_{d-1}) kernel, taps at positions 0..k-1 of each axis.
+        sizes: FFT size per axis.
+
+    Returns:
+        (F, 2 cin, 2 cout) with F = P_0 ... P_{d-2} (P_{d-1} // 2 + 1) frequencies (row-major, as rfftn);
+        block [[wr, wi], [-wi, wr]] per (cin, cout) pair, rows (cin, re/im) and columns (cout, re/im).
+    """
+    cout, cin, *ks = weight.shape
+    d = len(ks)
+    dev, dt = weight.device, weight.dtype
+    w = weight.permute(*range(2, 2 + d), 1, 0).reshape(*ks, cin * cout)  # (k_0, ..., k_{d-1}, pairs)
+    c, s = _dft_cos_sin(ks[-1], sizes[-1], sizes[-1] // 2 + 1, dev, dt)  # (nx, k_{d-1})
+    spec = torch.stack([torch.matmul(c, w), torch.matmul(s, w)], d - 2)  # (k_0.., 2, k_{d-2}, nx, pairs)
+    for j in reversed(range(d - 1)):
+        lead, rest = spec.shape[:j], spec.shape[j + 2 :]  # spec: (*lead, 2, k_j, *rest)
+        spec = torch.matmul(_dft_block(ks[j], sizes[j], dev, dt), spec.reshape(*lead, 2 * ks[j], -1))
+        spec = spec.reshape(*lead, 2, sizes[j], *rest)  # (*lead, re/im, P_j, *rest)
+        if j > 0:
+            spec = spec.movedim(j, j - 1)  # (k_0.., re/im, k_{j-1}, P_j, *rest) for the next axis
+    re, im = spec.reshape(2, -1, cin, cout).unbind(0)  # (F, cin, cout) each
+    block = torch.stack([torch.stack([re, im], -1), torch.stack([-im, re], -1)], -3)  # (F, cin, 2, cout, 2)
+    return block.reshape(-1, 2 * cin, 2 * cout)
+
+
+def _tiles(x: Tensor, axes, halves) -> Tensor:
+    """Overlapping tiles of the zero-padded input: (B, cin, *S) -> (P_0.., nt_0.., B, cin)."""
+    d = len(axes)
+    t = x.permute(*range(2, 2 + d), 0, 1)  # (*S, B, cin)
+    pad = []
+    for n, h, (size, valid, count) in zip(t.shape[:d], halves, axes, strict=True):
+        length = size if count == 1 else (count + 1) * valid  # room for the last tile's tail
+        pad = [h, length - n - h, *pad]
+    return _Tiles.apply(F.pad(t, [0, 0, 0, 0, *pad]), axes)  # from (*L, B, cin)
+
+
+class _Tiles(torch.autograd.Function):
+    """Overlap-save tiles as one strided copy; backward overlap-adds the tile gradients axis by axis
+    (one copy and one add per axis, instead of autograd's zero-filled slice gradients)."""
+
+    @staticmethod
+    def forward(ctx, padded: Tensor, axes) -> Tensor:
+        ctx.axes = axes
+        d = len(axes)
+        steps = padded.stride()[:d]
+        size = [p for p, _, _ in axes] + [c for _, _, c in axes] + list(padded.shape[d:])
+        stride = [*steps, *[v * s for (_, v, _), s in zip(axes, steps, strict=True)], *padded.stride()[d:]]
+        return padded.as_strided(size, stride).contiguous()  # (P_0.., nt_0.., B, cin)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        d = len(ctx.axes)
+        names = [f"P{j}" for j in range(d)] + [f"n{j}" for j in range(d)] + ["B", "C"]
+        for j, (size, valid, count) in enumerate(ctx.axes):
+            grad = grad.movedim((names.index(f"n{j}"), names.index(f"P{j}")), (0, 1))  # (nt_j, P_j, ...)
+            names = [f"L{j}"] + [n for n in names if n not in (f"n{j}", f"P{j}")]
+            if count == 1:
+                grad = grad[0]  # (P_j = L_j, ...)
+                continue
+            rest = grad.shape[2:]
+            out = grad.new_empty((count + 1) * valid, *rest)  # (L_j, ...)
+            out[: count * valid].view(count, valid, *rest).copy_(grad[:, :valid])
+            out[count * valid :].zero_()
+            out[valid : (count + 1) * valid].view(count, valid, *rest)[:, : size - valid].add_(
+                grad[:, valid:]
+            )
+            grad = out
+        order = [names.index(n) for n in [*(f"L{j}" for j in range(d)), "B", "C"]]
+        return grad.permute(*order), None  # (*L, B, cin)
+
+
+def _untile(y: Tensor, axes, spatial) -> Tensor:
+    """Valid part of every tile, reassembled: (P_0.., nt_0.., B, cout) -> (B, cout, *S)."""
+    d = len(axes)
+    for j, (_, valid, _) in enumerate(axes):
+        y = y.narrow(j, 0, valid)  # (T_0.., nt_0.., B, cout)
+    order = [i for j in range(d) for i in (d + j, j)]
+    y = y.permute(*order, 2 * d, 2 * d + 1)  # (nt_0, T_0, nt_1, T_1, .., B, cout)
+    y = y.reshape(*(v * c for _, v, c in axes), *y.shape[-2:])  # (nt_0 T_0, .., B, cout)
+    for j, n in enumerate(spatial):
+        y = y.narrow(j, 0, n)
+    return y.permute(d, d + 1, *range(d))  # (B, cout, *S)
+
+
+class _RealFFT(torch.autograd.Function):
+    """rfftn over the leading d dims, with a c2r backward (torch's own backward runs a full-size c2c).
+
+    For X = rfftn(x) and a loss gradient g w.r.t. X, dL/dx[n] = Re(sum over the half spectrum of
+    g[f] e^{+2 pi i f.n / N}); an unnormalised irfftn counts every interior bin of the halved axis twice
+    (as g and as its Hermitian mirror), so those bins are halved first.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, d: int) -> Tensor:
+        ctx.sizes = tuple(x.shape[:d])
+        return torch.fft.rfftn(x, dim=tuple(range(d)))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        d, n = len(ctx.sizes), ctx.sizes[-1]
+        weight = torch.ones(n // 2 + 1, device=grad.device, dtype=grad.real.dtype)
+        weight[1 : (n + 1) // 2] = 0.5  # interior bins; DC and (even n) Nyquist count once
+        grad = grad * weight.view(-1, *[1] * (grad.dim() - d))
+        return torch.fft.irfftn(grad, s=ctx.sizes, dim=tuple(range(d)), norm="forward"), None
+
+
+def fft_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, tile: int | None = None) -> Tensor:
+    """'Same'-padded stride-1 convolution (cross-correlation, like F.conv{2,3}d) through the FFT.
+
+    Args:
+        x: (B, cin, *S) input, 2 or 3 spatial dims, any memory format.
+        weight: (cout, cin, *k) kernel with odd sizes k.
+        bias: optional (cout,) bias.
+        tile: FFT size per axis; default chosen by `plan_tiles`.
+
+    Returns:
+        (B, cout, *S), equal to F.conv{d}d(x, weight, bias, padding=k // 2) up to float rounding, in the
+        memory format of x.
+    """
+    d = x.dim() - 2
+    if d not in (2, 3) or weight.dim() != d + 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"fft_conv: input {tuple(x.shape)} and weight {tuple(weight.shape)} do not match")
+    if any(k % 2 == 0 for k in weight.shape[2:]):
+        raise ValueError(f"fft_conv: kernel sizes must be odd, got weight {tuple(weight.shape)}")
+    batch, cin, *spatial = x.shape
+    cout, ks = weight.shape[0], tuple(weight.shape[2:])
+    axes = plan_tiles(tuple(spatial), ks, cin, cout, batch, tile)
+    sizes = tuple(p for p, _, _ in axes)
+    tiles = _tiles(x, axes, [k // 2 for k in ks])  # (P_0.., nt_0.., B, cin)
+    spectrum = _RealFFT.apply(tiles, d)  # (P_0.., nx, nt_0.., B, cin)
+    freqs, count = spectrum.shape[:d], math.prod(spectrum.shape[d:-1])
+    spectrum = torch.view_as_real(spectrum).reshape(math.prod(freqs), count, 2 * cin)  # (F, tiles B, 2 cin)
+    out = torch.bmm(spectrum, kernel_spectrum(weight, sizes))  # (F, tiles B, 2 cout)
+    out = out.reshape(*freqs, *tiles.shape[d:-1], cout, 2)  # (P_0.., nx, nt_0.., B, cout, re/im)
+    out = torch.fft.irfftn(
+        torch.view_as_complex(out), s=sizes, dim=tuple(range(d))
+    )  # (P_0.., nt_0.., B, cout)
+    out = _untile(out, axes, spatial)  # (B, cout, *S)
+    if bias is not None:
+        out = out + bias.view(1, cout, *[1] * d)
+    return out.contiguous(memory_format=_format_of(x))
+
+
+# --- the other implementations and the choice between them -------------------------------------------
+
+IMPLS = ("auto", "direct", "fft", "gemm")
+MARGIN = 0.9  # "auto" leaves "direct" only for an implementation at least 10% faster: noise cannot hurt
+GEMM_MAX_COLUMNS = 2**24  # "gemm" is only tried while its im2col matrix has at most this many entries
+_AUTO_CHOICE: dict[tuple, str] = {}  # auto_key(...) -> impl
+
+
+def direct_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.conv{2,3}d with 'same' padding k // 2; the kernel takes x's memory format (oneDNN is fastest when
+    input and weight are both channels-last, and then returns channels-last)."""
+    d = x.dim() - 2
+    if _format_of(x) != torch.contiguous_format and weight.stride(1) != 1:
+        # channels-last strides also for cin = 1, where .contiguous(memory_format) keeps the old strides
+        weight = weight.permute(0, *range(2, 2 + d), 1).contiguous().permute(0, 1 + d, *range(1, 1 + d))
+    conv = F.conv3d if d == 3 else F.conv2d
+    return conv(x, weight, bias, padding=[k // 2 for k in weight.shape[2:]])
+
+
+def gemm_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """'Same' convolution as im2col + one GEMM (Chellapilla et al., 2006), in x's memory format.
+
+    For volumes not much larger than the kernel (7^3 taps on 4^3 voxels) one (cout, cin k^d) x (cin k^d,
+    voxels) GEMM beats oneDNN's direct kernel, which is built for large spatial sizes.
+    """
+    d = x.dim() - 2
+    batch, cin, *spatial = x.shape
+    ks = weight.shape[2:]
+    cols = F.pad(x, [h for k in reversed(ks) for h in (k // 2, k // 2)])
+    for j, k in enumerate(ks):
+        cols = cols.unfold(2 + j, k, 1)  # (B, cin, *S, k_0, ..)
+    cols = cols.permute(0, 1, *range(2 + d, 2 + 2 * d), *range(2, 2 + d))  # (B, cin, *k, *S)
+    cols = cols.reshape(batch, cin * math.prod(ks), math.prod(spatial))  # (B, cin k^d, voxels)
+    out = torch.matmul(weight.reshape(weight.shape[0], -1), cols)  # (B, cout, voxels)
+    out = out.view(batch, -1, *spatial)  # (B, cout, *S)
+    if bias is not None:
+        out = out + bias.view(1, -1, *[1] * d)
+    return out.contiguous(memory_format=_format_of(x))
+
+
+_CONVS = {"direct": direct_conv, "fft": fft_conv, "gemm": gemm_conv}
+
+
+def same_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, impl: str = "auto") -> Tensor:
+    """'Same'-padded stride-1 convolution by `impl`: "direct" (F.conv{2,3}d), "fft" (`fft_conv`), "gemm"
+    (`gemm_conv`) or "auto" (the fastest for this shape, see `choose_impl`). All equal F.conv{2,3}d(x, weight,
+    bias, padding=k // 2) up to float rounding."""
+    if impl not in IMPLS:
+        raise ValueError(f"conv impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    return _CONVS[choose_impl(x, weight) if impl == "auto" else impl](x, weight, bias)
+
+
+def auto_key(x: Tensor, weight: Tensor) -> tuple:
+    """What the speed of a convolution depends on: shapes, dtype, device, memory format, grad mode."""
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return (tuple(x.shape), tuple(weight.shape), x.dtype, str(x.device), _format_of(x), grad)
+
+
+def choose_impl(x: Tensor, weight: Tensor) -> str:
+    """The fastest implementation for this (shape, channels, kernel, device, format, grad mode).
+
+    Timed once per key on random tensors of the same layout and remembered in a module-level dict: each
+    candidate runs once as warm-up (forward, plus backward when grad is on) and is dropped when more than
+    2x slower than direct; the rest run twice more, alternating, and the best time wins, direct unless
+    beaten by MARGIN. Kernels of <= 27 taps always run direct; gemm is only tried for small volumes.
+    """
+    key = auto_key(x, weight)
+    if key not in _AUTO_CHOICE:
+        if math.prod(weight.shape[2:]) <= 27 or torch.compiler.is_compiling():
+            return "direct"
+        candidates = ["direct", "fft"]
+        if (
+            x.shape[0] * weight.shape[1] * math.prod(weight.shape[2:]) * math.prod(x.shape[2:])
+            <= GEMM_MAX_COLUMNS
+        ):
+            candidates.append("gemm")
+        _AUTO_CHOICE[key] = _measure(x, weight, key[-1], candidates)
+    return _AUTO_CHOICE[key]
+
+
+def auto_choices() -> dict[tuple, str]:
+    """A copy of the decisions "auto" made so far (for benchmarks and logs)."""
+    return dict(_AUTO_CHOICE)
+
+
+def _measure(x: Tensor, weight: Tensor, grad: bool, candidates: list[str]) -> str:
+    import time
+
+    xs = torch.randn_like(x).requires_grad_(grad)  # same shape, dtype, device and strides
+    ws = torch.randn_like(weight).requires_grad_(grad)
+    sync = torch.cuda.synchronize if xs.is_cuda else (lambda: None)
+
+    def run(name: str) -> float:
+        sync()
+        start = time.perf_counter()
+        with torch.set_grad_enabled(grad):
+            out = _CONVS[name](xs, ws)
+            if grad:
+                torch.autograd.grad(out, (xs, ws), torch.ones_like(out))
+        sync()
+        return time.perf_counter() - start
+
+    first = {name: run(name) for name in candidates}  # also the warm-up (FFT plans, oneDNN primitives)
+    alive = [name for name in candidates if first[name] <= 2.0 * first["direct"]]
+    best = {name: math.inf for name in alive}
+    for _ in range(2):
+        for name in alive:
+            best[name] = min(best[name], run(name))
+    fastest = min(best, key=best.get)
+    return fastest if best[fastest] < MARGIN * best["direct"] else "direct"

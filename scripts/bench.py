@@ -1,0 +1,333 @@
+"""Side-by-side speed benchmark: Gabor vs conventional convolutions, whole models, and the runner.
+
+Every figure is measured in this one run, with the variants of a section interleaved (A B C A B C ...)
+after a warm-up, and reported as the median over the repetitions; on a shared machine only the ratios
+between variants of one section mean something.
+
+(a) layers: forward + backward of GaborConv3d (kernel generation + convolution; impl direct, fft, auto)
+    against nn.Conv3d with the same kernel size and with size 3, at the shapes of the Wong & Moradi network
+    (DESIGN 4): level l works on size / 2^l voxels per axis. Batch 1, channels-last (trainer default).
+(b) models: one training step (zero_grad, forward, PCC loss, backward, NAdam step) of WongNet with
+    conventional, Gabor and mixed kernels, 1 input channel, 20 classes, batch 1; voxels per second; and the
+    achieved FLOP rate of the conventional model against a large float32 matmul timed in the same loop.
+    FLOPs are counted by torch.utils.flop_counter.FlopCounterMode over one forward + backward: 2 x MACs of
+    every convolution and matmul (forward, grad-input and grad-weight); norms, activations, upsampling and
+    the optimiser are not counted, so the fraction is a lower bound on the hardware's use.
+(c) runner: per-job overhead of `python -m medexp train` (wall time minus the job's own train_seconds:
+    interpreter, imports, Hydra, MLflow, data cache, model build, test evaluation, logging), and the fraction
+    of a training loop spent waiting for the loader (make_loader on the demo data with the paper's
+    augmentation, num_workers=0 as in the trainer default).
+
+Usage:  python scripts/bench.py --quick          (this machine: layers at 64^3, 3 repetitions)
+        python scripts/bench.py                  (layers at 64^3 and 128^3, 5 repetitions)
+The table comes first, then one key=value line per figure.
+"""
+
+from __future__ import annotations
+
+import os
+
+# OpenMP threads that spin while waiting lose their time slice to the spinning of their siblings when other
+# processes share the cores: measured 3x slower training steps on a loaded 2-core machine. Passive waiting
+# (set before torch loads libgomp) removes that; an explicit OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from medexp.losses import PCCLoss  # noqa: E402
+from medexp.nn.conv import KernelFactory  # noqa: E402
+from medexp.nn.fftconv import auto_choices  # noqa: E402
+from medexp.nn.gabor import GaborConv3d  # noqa: E402
+from medexp.nn.wong import CHANNELS, WongNet  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CL = torch.channels_last_3d
+# (level, cin, cout) of the layer table: the first and the decoder conv of level 0, then C -> C per level.
+LAYERS = ((0, 1, 12), (0, 36, 12), (1, 24, 24), (1, 72, 24), (2, 48, 48), (3, 96, 96), (4, 192, 192))
+
+
+def interleaved(variants: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per variant, timing A B C A B C ... after `warmup` untimed rounds."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for rep in range(warmup + reps):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        for p in module.parameters():
+            p.grad = None
+        x.grad = None
+        module(x).backward(grad)
+
+    return run
+
+
+def _layer_row(size: int, level: int, cin: int, cout: int, k: int, reps: int) -> dict[str, float]:
+    """Median fwd+bwd seconds of the Gabor impls and nn.Conv3d (size k and 3) at one network shape."""
+    n = size // 2**level
+    torch.manual_seed(0)
+    x = torch.randn(1, cin, n, n, n).contiguous(memory_format=CL).requires_grad_()
+    grad = torch.randn(1, cout, n, n, n).contiguous(memory_format=CL)
+    modules = {impl: GaborConv3d(cin, cout, k, impl=impl) for impl in ("direct", "fft", "gemm", "auto")}
+    modules |= {"convk": nn.Conv3d(cin, cout, k, padding=k // 2), "conv3": nn.Conv3d(cin, cout, 3, padding=1)}
+    if n**3 * cin * k**3 > 2**26:  # im2col matrix > 256 MB: far too slow, and never picked by auto
+        del modules["gemm"]
+    t = interleaved({name: _fwd_bwd(m.to(memory_format=CL), x, grad) for name, m in modules.items()}, reps)
+    return {name: t.get(name, math.nan) for name in ("direct", "fft", "gemm", "auto", "convk", "conv3")}
+
+
+def layer_section(sizes: list[int], reps: int, k: int, max_level: int) -> tuple[list[str], dict[str, float]]:
+    """Table rows and key figures of (a)."""
+    rows = [
+        "| input | level | cin->cout | voxels | gabor direct | gabor fft | gabor gemm | gabor auto | "
+        f"conv{k} | conv3 | direct/conv{k} | auto/conv{k} | auto/direct | fft/direct |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    keys: dict[str, float] = {}
+    for size in sizes:
+        direct, auto, auto_direct = [], [], []
+        for level, cin, cout in LAYERS:
+            if size // 2**level < 1 or level > max_level:
+                continue
+            t = _layer_row(size, level, cin, cout, k, reps)
+            direct.append(t["direct"] / t["convk"])
+            auto.append(t["auto"] / t["convk"])
+            auto_direct.append(t["auto"] / t["direct"])
+            ms = " | ".join("-" if math.isnan(v) else f"{1e3 * v:.0f} ms" for v in t.values())
+            rows.append(
+                f"| {size}^3 | {level} | {cin}->{cout} | {size // 2**level}^3 | {ms} | {direct[-1]:.2f} | "
+                f"{auto[-1]:.2f} | {auto_direct[-1]:.2f} | {t['fft'] / t['direct']:.2f} |"
+            )
+            keys[f"fft_vs_direct_layer_{size}_l{level}_{cin}_{cout}"] = t["fft"] / t["direct"]
+        suffix = "" if size == 64 else f"_{size}"
+        keys[f"gabor_vs_conv{k}_layer{suffix}"] = max(direct)  # worst shape, impl=direct
+        keys[f"gabor_auto_vs_conv{k}_layer{suffix}"] = max(auto)
+        keys[f"gabor_auto_vs_direct_layer{suffix}"] = max(auto_direct)
+    return rows, keys
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    loss_fn = PCCLoss()
+    optimizer = torch.optim.NAdam(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def _count_flops(model: nn.Module, x: torch.Tensor) -> float:
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def _peak_variants() -> dict[str, tuple[float, Callable[[], object]]]:
+    """Dense float32 kernels for the machine's peak: (FLOPs, run). MKL's sgemm and oneDNN's convolution
+    use different code paths (MKL may not pick its AVX-512 kernels on AMD CPUs); the faster one counts."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    x = torch.randn(1, 256, 16, 16, 16).contiguous(memory_format=CL)
+    w = torch.randn(256, 256, 3, 3, 3).contiguous(memory_format=CL)
+    return {
+        "peak: MKL sgemm 2048^2 x4": (4 * 2 * 2048**3, lambda: [a @ b for _ in range(4)]),
+        "peak: oneDNN conv3 256ch 16^3": (2 * 256 * 256 * 27 * 16**3, lambda: F.conv3d(x, w, padding=1)),
+    }
+
+
+def model_section(size: int, reps: int, with_direct: bool, channels) -> tuple[list[str], dict[str, float]]:
+    """Table rows and key figures of (b)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, size, size, size)
+    y = torch.randint(0, 20, (1, 1, size, size, size))
+    kinds = {"conventional": ("conventional", "auto", CL)}
+    kinds["conventional (contiguous)"] = ("conventional", "auto", torch.contiguous_format)
+    kinds |= {"gabor": ("gabor", "auto", CL), "mixed": ("mixed", "auto", CL)}
+    if with_direct:
+        kinds |= {
+            "gabor (impl=direct)": ("gabor", "direct", CL),
+            "mixed (impl=direct)": ("mixed", "direct", CL),
+        }
+    variants, flops = {}, {}
+    for name, (kind, impl, fmt) in kinds.items():
+        model = WongNet(1, 20, KernelFactory(kind, impl=impl), channels=channels).to(memory_format=fmt)
+        if kind == "conventional":
+            flops[name] = _count_flops(model, x.contiguous(memory_format=fmt))
+        variants[name] = _train_step(model, x.contiguous(memory_format=fmt), y)
+    peaks = _peak_variants()
+    t = interleaved(variants | {name: run for name, (_, run) in peaks.items()}, reps)
+    rates = {name: count / t.pop(name) for name, (count, _) in peaks.items()}
+    peak, base = max(rates.values()), t["conventional"]
+    rows = ["| model | step | vs conventional | voxels/s | GFLOP/step | GFLOP/s | of peak |"]
+    rows.append("|---|---|---|---|---|---|---|")
+    for name, sec in t.items():
+        fl = flops.get(name, math.nan)
+        flop_cells = (
+            f"{fl / 1e9:.1f} | {fl / sec / 1e9:.1f} | {fl / sec / peak:.0%}" if name in flops else "- | - | -"
+        )
+        rows.append(
+            f"| {name}, {size}^3 | {sec:.2f} s | {sec / base:.2f} | {size**3 / sec:,.0f} | {flop_cells} |"
+        )
+    rows += [f"| {name} | | | | | {rate / 1e9:.1f} | {rate / peak:.0%} |" for name, rate in rates.items()]
+    keys = {
+        "mixed_vs_conventional_step": t["mixed"] / base,
+        "gabor_vs_conventional_step": t["gabor"] / base,
+        "conventional_step_s": base,
+        "conventional_voxels_per_s": size**3 / base,
+        "conventional_flop_fraction": flops["conventional"] / base / peak,
+        "conventional_gflops": flops["conventional"] / base / 1e9,
+        "peak_gflops": peak / 1e9,
+        "mkl_sgemm_gflops": rates["peak: MKL sgemm 2048^2 x4"] / 1e9,
+        "channels_last_speedup": t["conventional (contiguous)"] / base,
+    }
+    if with_direct:
+        keys["gabor_direct_vs_conventional_step"] = t["gabor (impl=direct)"] / base
+        keys["mixed_direct_vs_conventional_step"] = t["mixed (impl=direct)"] / base
+    return rows, keys
+
+
+def job_overhead(workdir: Path, runs: int) -> tuple[float, float]:
+    """(median overhead s, median wall s) of `python -m medexp train` on tiny data; the first run, which
+    also generates the data, is not counted."""
+    overheads, walls = [], []
+    for i in range(runs + 1):
+        run_dir = workdir / f"job{i}"
+        command = [
+            sys.executable,
+            "-m",
+            "medexp",
+            "train",
+            "dataset.shape=[16,16,16]",
+            "dataset.num_cases=10",
+        ]
+        command += [f"dataset.root={workdir / 'data'}", "trainer.max_epochs=1", "trainer.progress=false"]
+        command += [f"tracking_uri=sqlite:///{workdir / 'mlflow.db'}", f"hydra.run.dir={run_dir}"]
+        start = time.perf_counter()
+        subprocess.run(
+            command, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+        )
+        wall = time.perf_counter() - start
+        result = (run_dir / "result.yaml").read_text()
+        train_seconds = float(
+            next(line for line in result.splitlines() if line.startswith("train_seconds:")).split(":")[1]
+        )
+        if i:
+            overheads.append(wall - train_seconds)
+            walls.append(wall)
+    return statistics.median(overheads), statistics.median(walls)
+
+
+def data_wait(workdir: Path, size: int, steps: int, channels) -> tuple[float, float]:
+    """(median loader wait s, median step s) over `steps` iterations of a conventional-model training loop."""
+    from medexp.data.demo import DemoDataset
+    from medexp.data.loaders import make_loader
+    from medexp.data.transforms import paper_augmentation
+
+    shape = [size] * 3
+    cases = DemoDataset(root=str(workdir / "data"), num_cases=4, shape=shape).prepare()
+    loader = make_loader(cases, batch_size=1, train=True, augmentation=paper_augmentation(3, shape=shape))
+    model = WongNet(1, 20, KernelFactory("conventional"), channels=channels).to(memory_format=CL)
+    loss_fn, optimizer = PCCLoss(), torch.optim.NAdam(model.parameters(), lr=1e-3)
+    waits, computes = [], []
+    while len(computes) < steps + 1:
+        iterator = iter(loader)
+        while True:
+            start = time.perf_counter()
+            batch = next(iterator, None)
+            if batch is None:
+                break
+            ready = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(batch["image"].contiguous(memory_format=CL)), batch["label"]).backward()
+            optimizer.step()
+            waits.append(ready - start)
+            computes.append(time.perf_counter() - ready)
+    return statistics.median(waits[1:]), statistics.median(computes[1:])  # the first step is warm-up
+
+
+def runner_section(workdir: Path, size: int, steps: int, job_runs: int, channels) -> tuple[list[str], dict]:
+    """Table rows and key figures of (c)."""
+    rows = ["| runner | value |", "|---|---|"]
+    keys: dict[str, float] = {}
+    if job_runs:
+        overhead, wall = job_overhead(workdir, job_runs)
+        rows.append(f"| `python -m medexp train` on 16^3 data, 1 epoch: wall | {wall:.1f} s |")
+        rows.append(f"| per-job overhead (wall - train_seconds) | {overhead:.1f} s |")
+        keys["sweep_job_overhead_s"] = overhead
+    wait, step = data_wait(workdir, size, steps, channels)
+    rows.append(f"| loader wait per step ({size}^3, augmentation, 0 workers) | {1e3 * wait:.0f} ms |")
+    rows.append(f"| conventional training step ({size}^3) | {1e3 * step:.0f} ms |")
+    keys["data_wait_fraction"] = wait / (wait + step)
+    rows.append(f"| fraction of step time waiting for data | {keys['data_wait_fraction']:.1%} |")
+    return rows, keys
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="this machine: layers at 64^3 only, 3 reps")
+    parser.add_argument("--sizes", type=int, nargs="+", help="network input sizes of the layer table")
+    parser.add_argument("--model-size", type=int, default=64, help="input size of the model table")
+    parser.add_argument("--reps", type=int, help="timed repetitions per variant (3 quick, 5 full)")
+    parser.add_argument("--kernel-size", type=int, default=7, help="Gabor kernel size (paper: 7)")
+    parser.add_argument("--job-runs", type=int, help="timed `medexp train` runs (1 quick, 3 full; 0 skips)")
+    parser.add_argument("--sections", default="layer,model,runner", help="comma-separated subset")
+    parser.add_argument("--max-level", type=int, default=4, help="deepest network level in the layer table")
+    parser.add_argument(
+        "--channels", type=int, nargs=5, default=CHANNELS, help="WongNet widths (tests shrink)"
+    )
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--workdir", type=Path, help="data and MLflow scratch (default: a temp dir)")
+    args = parser.parse_args(argv)
+    sizes = args.sizes or ([64] if args.quick else [64, 128])
+    reps = args.reps or (3 if args.quick else 5)
+    job_runs = args.job_runs if args.job_runs is not None else (1 if args.quick else 3)
+    sections = args.sections.split(",")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load, policy = os.getloadavg()[0], os.environ["OMP_WAIT_POLICY"]
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"OMP_WAIT_POLICY={policy}, load average {load:.1f}"
+    )
+    keys: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or Path(tmp)
+        for name, run in (
+            ("layer", lambda: layer_section(sizes, reps, args.kernel_size, args.max_level)),
+            ("model", lambda: model_section(args.model_size, reps, not args.quick, args.channels)),
+            ("runner", lambda: runner_section(workdir, args.model_size, reps, job_runs, args.channels)),
+        ):
+            if name in sections:
+                rows, figures = run()
+                print("\n" + "\n".join(rows), flush=True)
+                keys |= figures
+    print("\nauto choices: " + ", ".join(f"{k[0]}/{k[1][:2]} -> {v}" for k, v in auto_choices().items()))
+    print()
+    for key, value in keys.items():
+        print(f"{key}={value:.4g}" if math.isfinite(value) else f"{key}=nan")
+    return keys
+
+
+if __name__ == "__main__":
+    main()
