@@ -4,12 +4,14 @@ Every figure is measured in this one run, with the variants of a section interle
 after a warm-up, and reported as the median over the repetitions; on a shared machine only the ratios
 between variants of one section mean something.
 
-(a) layers: forward + backward of GaborConv3d (kernel generation + convolution; impl direct, fft, auto)
+(a) layers: forward + backward of GaborConv3d (generation + convolution; impl direct, fft, gemm, auto)
     against nn.Conv3d with the same kernel size and with size 3, at the shapes of the Wong & Moradi network
     (DESIGN 4): level l works on size / 2^l voxels per axis. Batch 1, channels-last (trainer default).
 (b) models: one training step (zero_grad, forward, PCC loss, backward, NAdam step) of WongNet with
-    conventional, Gabor and mixed kernels, 1 input channel, 20 classes, batch 1; voxels per second; and the
-    achieved FLOP rate of the conventional model against a large float32 matmul timed in the same loop.
+    conventional, Gabor and mixed kernels, 1 input channel, 20 classes, batch 1 (the conventional model also
+    at batch 2, the trainer default, and contiguous vs channels-last); voxels per second; and the achieved
+    FLOP rate of the conventional model against the machine's peak: the faster of a 2048^2 MKL sgemm and a
+    256-channel oneDNN 3^3 convolution, both timed in the same loop.
     FLOPs are counted by torch.utils.flop_counter.FlopCounterMode over one forward + backward: 2 x MACs of
     every convolution and matmul (forward, grad-input and grad-weight); norms, activations, upsampling and
     the optimiser are not counted, so the fraction is a lower bound on the hardware's use.
@@ -161,20 +163,23 @@ def model_section(size: int, reps: int, with_direct: bool, channels) -> tuple[li
     torch.manual_seed(0)
     x = torch.randn(1, 1, size, size, size)
     y = torch.randint(0, 20, (1, 1, size, size, size))
-    kinds = {"conventional": ("conventional", "auto", CL)}
-    kinds["conventional (contiguous)"] = ("conventional", "auto", torch.contiguous_format)
-    kinds |= {"gabor": ("gabor", "auto", CL), "mixed": ("mixed", "auto", CL)}
+    contiguous = torch.contiguous_format
+    kinds = {"conventional": ("conventional", "auto", CL, 1)}
+    kinds["conventional (contiguous)"] = ("conventional", "auto", contiguous, 1)
+    kinds |= {"gabor": ("gabor", "auto", CL, 1), "mixed": ("mixed", "auto", CL, 1)}
     if with_direct:
-        kinds |= {
-            "gabor (impl=direct)": ("gabor", "direct", CL),
-            "mixed (impl=direct)": ("mixed", "direct", CL),
-        }
+        kinds["gabor (impl=direct)"] = ("gabor", "direct", CL, 1)
+        kinds["mixed (impl=direct)"] = ("mixed", "direct", CL, 1)
+    kinds["conventional (batch 2)"] = ("conventional", "auto", CL, 2)  # the trainer's default batch size
+    kinds["conventional (batch 2, contiguous)"] = ("conventional", "auto", contiguous, 2)
     variants, flops = {}, {}
-    for name, (kind, impl, fmt) in kinds.items():
+    for name, (kind, impl, fmt, batch) in kinds.items():
         model = WongNet(1, 20, KernelFactory(kind, impl=impl), channels=channels).to(memory_format=fmt)
+        xs = x.expand(batch, -1, -1, -1, -1).contiguous(memory_format=fmt)
+        ys = y.expand(batch, -1, -1, -1, -1)
         if kind == "conventional":
-            flops[name] = _count_flops(model, x.contiguous(memory_format=fmt))
-        variants[name] = _train_step(model, x.contiguous(memory_format=fmt), y)
+            flops[name] = _count_flops(model, xs)
+        variants[name] = _train_step(model, xs, ys)
     peaks = _peak_variants()
     t = interleaved(variants | {name: run for name, (_, run) in peaks.items()}, reps)
     rates = {name: count / t.pop(name) for name, (count, _) in peaks.items()}
@@ -187,7 +192,8 @@ def model_section(size: int, reps: int, with_direct: bool, channels) -> tuple[li
             f"{fl / 1e9:.1f} | {fl / sec / 1e9:.1f} | {fl / sec / peak:.0%}" if name in flops else "- | - | -"
         )
         rows.append(
-            f"| {name}, {size}^3 | {sec:.2f} s | {sec / base:.2f} | {size**3 / sec:,.0f} | {flop_cells} |"
+            f"| {name}, {size}^3 | {sec:.2f} s | {sec / base:.2f} | {kinds[name][3] * size**3 / sec:,.0f} | "
+            f"{flop_cells} |"
         )
     rows += [f"| {name} | | | | | {rate / 1e9:.1f} | {rate / peak:.0%} |" for name, rate in rates.items()]
     keys = {
@@ -200,6 +206,7 @@ def model_section(size: int, reps: int, with_direct: bool, channels) -> tuple[li
         "peak_gflops": peak / 1e9,
         "mkl_sgemm_gflops": rates["peak: MKL sgemm 2048^2 x4"] / 1e9,
         "channels_last_speedup": t["conventional (contiguous)"] / base,
+        "channels_last_speedup_batch2": t["conventional (batch 2, contiguous)"] / t["conventional (batch 2)"],
     }
     if with_direct:
         keys["gabor_direct_vs_conventional_step"] = t["gabor (impl=direct)"] / base

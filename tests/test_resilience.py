@@ -51,7 +51,7 @@ def test_sigkill_after_first_checkpoint_then_resume(workdir: Path):
     args = [
         sys.executable,
         "-m",
-        "medexp.cli",
+        "medexp",
         "train",
         *EXACT,
         "trainer.max_epochs=4",
