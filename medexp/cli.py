@@ -65,6 +65,9 @@ def train(ctx: typer.Context) -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    from medexp import runtime
+
+    runtime.configure()  # before anything imports torch
     app()
 
 

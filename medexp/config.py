@@ -154,8 +154,11 @@ def _validate_dataset(dataset: DictConfig) -> None:
 
 def _validate_kernel(kernel: DictConfig) -> None:
     from medexp.nn.conv import KINDS
+    from medexp.nn.fftconv import IMPLS
 
     _check(kernel.kind in KINDS, "kernel.kind", kernel.kind, f"one of {', '.join(KINDS)}")
+    impl = kernel.get("impl", "auto")
+    _check(impl in IMPLS, "kernel.impl", impl, f"one of {', '.join(IMPLS)}")
     for key in ("conv_size", "gabor_size"):
         size = kernel.get(key)
         _check(

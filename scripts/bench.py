@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import os
 
-# OpenMP threads that spin while waiting lose their time slice to the spinning of their siblings when other
-# processes share the cores: measured 3x slower training steps on a loaded 2-core machine. Passive waiting
-# (set before torch loads libgomp) removes that; an explicit OMP_WAIT_POLICY in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The trainer's process settings (passive OpenMP waiting, glibc malloc keeping freed blocks), before torch
+# loads: see medexp/runtime.py. MEDEXP_NO_TUNE=1 measures without them.
+from medexp import runtime  # noqa: E402
+
+runtime.configure()
 
 import argparse  # noqa: E402
 import math  # noqa: E402
@@ -312,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     sections = args.sections.split(",")
     if args.threads:
         torch.set_num_threads(args.threads)
-    load, policy = os.getloadavg()[0], os.environ["OMP_WAIT_POLICY"]
+    load, policy = os.getloadavg()[0], os.environ.get("OMP_WAIT_POLICY", "unset")
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"OMP_WAIT_POLICY={policy}, load average {load:.1f}"

@@ -141,12 +141,12 @@ def test_kernel_cache_in_eval_only():
         conv.psi.add_(0.1)  # an in-place update (optimiser step) bumps the version counter
         third = conv.kernel()
     assert third is not first and not torch.equal(third, first)
-    torch.testing.assert_close(third, conv._generate().detach())
+    torch.testing.assert_close(third, conv._generate(conv.kernel_size).detach())
     trained = conv.kernel()
     assert trained.requires_grad and trained is not conv.kernel()  # with autograd: generated every call
     x = torch.randn(1, 2, 6, 6, 6)
     with torch.no_grad():
-        torch.testing.assert_close(conv(x), F.conv3d(x, conv._generate(), conv.bias, padding=2))
+        torch.testing.assert_close(conv(x), F.conv3d(x, conv._generate(5), conv.bias, padding=2))
 
 
 def test_auto_choice_is_measured_once_and_cached(monkeypatch):
@@ -168,3 +168,31 @@ def test_auto_measurement_runs():
     conv(x).sum().backward()
     assert fftconv._AUTO_CHOICE[fftconv.auto_key(x, conv.kernel())] in ("direct", "fft", "gemm")
     assert x.grad is not None and all(p.grad is not None for p in conv.parameters())
+
+
+@pytest.mark.parametrize("impl", ["direct", "gemm", "fft", "auto"])
+@pytest.mark.parametrize("spatial", [(1, 1, 1), (2, 2, 2), (2, 5, 1), (3, 9)])
+def test_small_volumes_use_only_the_taps_that_reach_them(impl, spatial):
+    # On n voxels a 'same' 7-tap axis has only min(7, 2n - 1) taps that ever meet the volume: the cropped
+    # convolution must equal the full 7^d one, values and gradients (the cropped taps' gradients are zero).
+    torch.manual_seed(8)
+    d = len(spatial)
+    x = torch.randn(2, 3, *spatial, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, *[7] * d, dtype=torch.float64, requires_grad=True)
+    conv = F.conv3d if d == 3 else F.conv2d
+    want = grads(lambda a, b: conv(a, b, padding=3), x, w)
+    got = grads(lambda a, b: same_conv(a, b, impl=impl), x, w)
+    assert fftconv.crop_to_reach(w, spatial).shape[2:] == tuple(min(7, 2 * n - 1) for n in spatial)
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+def test_gabor_layer_on_volumes_smaller_than_its_kernel():
+    # GaborConv3d generates only the central 3^3 taps for 2^3 voxels and 1 tap for 1^3: same result as
+    # nn.Conv3d with the whole generated 7^3 kernel.
+    torch.manual_seed(9)
+    layer = GaborConv3d(3, 4, 7, impl="direct").double()
+    for n in (1, 2, 3):
+        x = torch.randn(2, 3, n, n, n, dtype=torch.float64)
+        want = F.conv3d(x, layer.kernel().detach(), layer.bias.detach(), padding=3)
+        torch.testing.assert_close(layer(x), want, rtol=1e-10, atol=1e-10)

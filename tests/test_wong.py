@@ -33,3 +33,32 @@ def test_bad_spatial_size_names_shape():
 def test_mixed_kernel_factory_levels():
     factory = KernelFactory("mixed")
     assert [factory.kind_at(level) for level in range(5)] == ["conventional"] * 2 + ["gabor"] * 3
+
+
+class _OpaqueHead(torch.nn.Module):
+    """The same 1x1 convolution, but not a PlainHead: WongNet gives it the concatenated features."""
+
+    def __init__(self, plain: torch.nn.Module) -> None:
+        super().__init__()
+        self.conv = plain.conv
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.conv(features)
+
+
+@pytest.mark.parametrize("spatial_dims, shape", [(3, (2, 1, 16, 16, 32)), (2, (2, 1, 32, 48))])
+def test_plain_head_per_level_equals_head_on_concatenated_features(spatial_dims, shape):
+    # The fast path (1x1 head per decoder level, then upsample) against the definition (upsample every
+    # level, concatenate 180 channels, then the 1x1 head), forward and backward.
+    torch.manual_seed(0)
+    model = WongNet(1, 5, spatial_dims=spatial_dims, dropout=0.0).double()
+    x = torch.randn(shape, dtype=torch.float64)
+    fast = model(x)
+    fast_grads = torch.autograd.grad(fast.square().sum(), list(model.parameters()))
+    model.head = _OpaqueHead(model.head)
+    reference = model(x)
+    reference_grads = torch.autograd.grad(reference.square().sum(), list(model.parameters()))
+    assert fast.shape == (shape[0], 5, *shape[2:])
+    torch.testing.assert_close(fast, reference, rtol=1e-10, atol=1e-10)
+    for got, want in zip(fast_grads, reference_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)

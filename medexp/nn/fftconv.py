@@ -320,7 +320,29 @@ def same_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, impl: str =
     bias, padding=k // 2) up to float rounding."""
     if impl not in IMPLS:
         raise ValueError(f"conv impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    weight = crop_to_reach(weight, tuple(x.shape[2:]))
     return _CONVS[choose_impl(x, weight) if impl == "auto" else impl](x, weight, bias)
+
+
+def reach(kernel_size: int, size: int) -> int:
+    """How many central taps of a 'same' kernel of odd size k can meet an axis of n voxels: min(k, 2n - 1).
+
+    Output voxel p reads input p + m for offsets |m| <= k // 2; with 0 <= p, p + m < n only |m| <= n - 1
+    can land inside the volume, every other tap multiplies zero padding.
+    """
+    return min(kernel_size, 2 * size - 1)
+
+
+def crop_to_reach(weight: Tensor, spatial: tuple[int, ...]) -> Tensor:
+    """The central taps of `weight` (cout, cin, *k) that can meet a volume of size `spatial` (see `reach`);
+    the 'same' convolution with the cropped kernel is exactly the one with the full kernel. Deep levels of
+    small inputs (7^3 kernels on 2^3 or 1^3 voxels) then cost 3^3 or 1 tap instead of 343."""
+    ks = weight.shape[2:]
+    keep = [reach(k, n) for k, n in zip(ks, spatial, strict=True)]
+    if keep == list(ks):
+        return weight
+    central = (slice((k - c) // 2, (k + c) // 2) for k, c in zip(ks, keep, strict=True))
+    return weight[(slice(None), slice(None), *central)]
 
 
 def auto_key(x: Tensor, weight: Tensor) -> tuple:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medexp.nn.fftconv import IMPLS, same_conv
+from medexp.nn.fftconv import IMPLS, reach, same_conv
 
 NAMES_3D = ("sigma", "theta_y", "theta_z", "a_re", "a_im", "f_re", "f_im", "psi")
 NAMES_2D = ("sigma", "theta", "a_re", "a_im", "f_re", "f_im", "psi")
@@ -259,27 +259,31 @@ class _GaborConvNd(nn.Module):
     def _init_angles(self) -> None:
         raise NotImplementedError
 
-    def _generate(self) -> Tensor:
-        """The weight from the current parameters (fused separable generation), with autograd."""
+    def _generate(self, size: int) -> Tensor:
+        """The central size^d taps of the weight from the current parameters (fused separable generation),
+        with autograd."""
         raise NotImplementedError
 
-    def kernel(self) -> Tensor:
-        """The generated weight, (cout, cin, k, ..., k).
+    def kernel(self, size: int | None = None) -> Tensor:
+        """The generated weight, (cout, cin, s, ..., s): its central s = size taps per axis (default all k).
 
         Generated on every call while autograd records (training). Without autograd (evaluation,
         inference) the kernel is cached until a parameter changes: the key holds every Gabor parameter's
         storage and version counter, which in-place updates (optimiser steps, load_state_dict, .to())
         advance or replace.
         """
+        size = self.kernel_size if size is None else size
+        if size < 1 or size % 2 == 0 or size > self.kernel_size:
+            raise ValueError(f"kernel size must be odd and at most {self.kernel_size}, got {size}")
         params = [getattr(self, n) for n in self.param_names]
         if torch.compiler.is_compiling() or (
             torch.is_grad_enabled() and any(p.requires_grad for p in params)
         ):
-            return self._generate()
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+            return self._generate(size)
+        key = (size, *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
         if self._kernel_cache is None or self._kernel_cache[0] != key:
             with torch.no_grad():
-                self._kernel_cache = (key, self._generate())
+                self._kernel_cache = (key, self._generate(size))
         return self._kernel_cache[1]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -287,13 +291,16 @@ class _GaborConvNd(nn.Module):
 
         impl "direct" is F.conv{2,3}d, "fft" `medexp.nn.fftconv.fft_conv`, "gemm" im2col + GEMM, "auto" the
         fastest for this input shape (measured once per shape, see `medexp.nn.fftconv.choose_impl`).
+        On volumes smaller than the kernel only the taps that can meet a voxel are generated (e.g. 3^3
+        of the 7^3 on 2^3 voxels, see `medexp.nn.fftconv.reach`): the result is the same.
         """
         if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"{type(self).__name__} expects input (B, {self.in_channels}, *spatial) with "
                 f"{self.spatial_dims} spatial dims, got shape {tuple(x.shape)}"
             )
-        return same_conv(x, self.kernel(), self.bias, self.impl)
+        size = reach(self.kernel_size, max(x.shape[2:]))
+        return same_conv(x, self.kernel(size), self.bias, self.impl)
 
     def extra_repr(self) -> str:
         return (
@@ -325,11 +332,10 @@ class GaborConv3d(_GaborConvNd):
         self.theta_y.copy_(torch.asin(torch.empty_like(self.theta_y).uniform_(-1.0, 1.0)))
         self.theta_z.uniform_(-math.pi, math.pi)
 
-    def _generate(self) -> Tensor:
+    def _generate(self, size: int) -> Tensor:
         angles = (self.theta_y, self.theta_z)
-        return gabor_kernel3d_fused(
-            self.sigma, *angles, self.a_re, self.a_im, self.f_re, self.f_im, self.psi, self.kernel_size
-        )
+        amplitudes = (self.a_re, self.a_im, self.f_re, self.f_im, self.psi)
+        return gabor_kernel3d_fused(self.sigma, *angles, *amplitudes, size)
 
 
 class GaborConv2d(_GaborConvNd):
@@ -346,7 +352,6 @@ class GaborConv2d(_GaborConvNd):
         # x' = u . (x, y) with u = (cos theta, sin theta): theta uniform gives uniform directions.
         self.theta.uniform_(-math.pi, math.pi)
 
-    def _generate(self) -> Tensor:
-        return gabor_kernel2d_fused(
-            self.sigma, self.theta, self.a_re, self.a_im, self.f_re, self.f_im, self.psi, self.kernel_size
-        )
+    def _generate(self, size: int) -> Tensor:
+        amplitudes = (self.a_re, self.a_im, self.f_re, self.f_im, self.psi)
+        return gabor_kernel2d_fused(self.sigma, self.theta, *amplitudes, size)

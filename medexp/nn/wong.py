@@ -139,11 +139,34 @@ class WongNet(nn.Module):
             x = self.decoder[i](torch.cat([self._upsample(x, skip.shape[2:]), skip], dim=1))
             decoded.append(x)
         full_size = skips[0].shape[2:]
-        # Deep supervision: every decoder output at full size, concatenated -> (B, 12+24+48+96, *spatial).
+        if type(self.head) is PlainHead:
+            return self._plain_head_per_level(decoded, full_size)
+        # Deep supervision: every decoder output at full size, concatenated -> (B, 96+48+24+12, *spatial)
+        # with the paper's widths.
         features = torch.cat(
             [self._upsample(d, full_size) if d.shape[2:] != full_size else d for d in decoded], 1
         )
         return self.head(features)
+
+    def _plain_head_per_level(self, decoded: list[Tensor], full_size: Sequence[int]) -> Tensor:
+        """The plain head on the deep-supervision features, computed per decoder level before upsampling.
+
+        W [up(d_3); up(d_2); up(d_1); d_0] + b = sum_l up(W_l d_l) + b, W_l the columns of the 1x1 weight
+        that see level l: trilinear upsampling is linear and treats every channel alike, so it commutes
+        with the 1x1 convolution (equal up to float rounding). The upsampling then moves K channels
+        instead of 168, and the 180-channel full-size tensor is never built: about a third of the
+        conventional model's training step at 64^3 (scripts/bench.py). Heads that are not a per-voxel
+        linear map (NeRD) take the concatenated features.
+        """
+        conv = self.head.conv
+        weights = conv.weight.split([d.shape[1] for d in decoded], dim=1)  # (K, C_l, 1, ..)
+        logits = conv.bias.view(1, -1, *[1] * self.spatial_dims)  # (1, K, 1, ..)
+        for level_features, weight in zip(decoded, weights, strict=True):
+            level_logits = conv._conv_forward(level_features, weight, None)  # (B, K, *spatial / 2^l)
+            if level_logits.shape[2:] != full_size:
+                level_logits = self._upsample(level_logits, full_size)
+            logits = logits + level_logits
+        return logits  # (B, K, *spatial)
 
 
 def _make_input_layer(kind: str | None, in_channels: int, spatial_dims: int) -> nn.Module | None:
