@@ -50,6 +50,7 @@ class TrainerConfig:
     val_every: int = 1
     precision: str = "32"
     channels_last: bool = True
+    compile: bool = False
     progress: bool = True
 
 

@@ -47,7 +47,7 @@ def evaluate(
     ids: list[str] = []
     values: dict[str, list[np.ndarray]] = {m: [] for m in metrics}
     for batch in loader:
-        image = batch["image"].to(device)
+        image = batch["image"].as_subclass(torch.Tensor).to(device)  # plain tensor: no MetaTensor overhead
         logits = predict_logits(model, image, roi_size)
         prediction = logits.argmax(dim=1, keepdim=True).cpu()  # (B, 1, *spatial)
         result = case_metrics(prediction, batch["label"].cpu(), num_classes, metrics, spacing)
