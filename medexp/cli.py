@@ -57,6 +57,12 @@ def train(ctx: typer.Context) -> None:
     sys.argv = ["medexp train", *args]
     try:
         main()
+    except KeyboardInterrupt:
+        SweepParentRun.abandon("KILLED")  # the running job's own run is already KILLED (train.py)
+        raise
+    except BaseException:  # e.g. Hydra's SystemExit(1) when a job's config cannot be composed mid-sweep
+        SweepParentRun.abandon("FAILED")
+        raise
     finally:
         sys.argv = saved
     if SweepParentRun.failures:

@@ -177,6 +177,7 @@ class SweepParentRun(Callback):
     """
 
     failures: list[dict] = []
+    active: dict | None = None  # {"run_id", "uri", "experiment"} of the parent while its multirun runs
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         uri = resolve_uri(config.get("tracking_uri"))
@@ -191,6 +192,7 @@ class SweepParentRun(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         record = {"run_id": run.info.run_id, "uri": uri, "experiment": config.experiment_name}
         (sweep_dir / PARENT_FILE).write_text(json.dumps(record))
+        SweepParentRun.active = record
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -210,6 +212,15 @@ class SweepParentRun(Callback):
         if parent:
             status = "FAILED" if SweepParentRun.failures else "FINISHED"
             client(parent["uri"]).set_terminated(parent["run_id"], status=status)
+        SweepParentRun.active = None
+
+    @staticmethod
+    def abandon(status: str) -> None:
+        """End the parent run of a multirun that stopped before its end (Ctrl-C, or an error Hydra raises
+        between jobs, which skips on_multirun_end) as `status`, so that no parent is left RUNNING."""
+        record, SweepParentRun.active = SweepParentRun.active, None
+        if record:
+            client(record["uri"]).set_terminated(record["run_id"], status=status)
 
 
 def find_output_dir(run_id: str, uri: str | None = None) -> str:

@@ -149,3 +149,27 @@ def test_parallel_jobs_get_distinct_gpu_slots(workdir: Path):
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(children) == 2
     assert sorted(r.data.tags["cuda_visible_devices"] for r in children) == ["0", "1"]
+
+
+def test_ctrl_c_during_a_sweep_leaves_no_run_running(workdir: Path):
+    # SIGINT (Ctrl-C) while the first of two jobs trains: that job's run ends KILLED, the parent run too
+    # (Hydra skips the end-of-sweep callback), the second job never starts, and the exit code is not 0.
+    args = [sys.executable, "-m", "medexp", "train", "-m", "seed=1,2", *TINY, "trainer.max_epochs=500"]
+    args += ["experiment_name=interrupted"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        found = list((workdir / "outputs" / "multirun").glob("*/*/0/checkpoints/last.pt"))
+        if [p for p in found if p.stat().st_mtime > proc_start(proc)]:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the sweep was still running when interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    client, runs = runs_of(workdir, "interrupted")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert [r.info.status for r in parents] == ["KILLED"], stderr.decode()[-2000:]
+    assert [r.info.status for r in children] == ["KILLED"], "only the first job started"
