@@ -46,10 +46,13 @@ def _is_smooth(n: int) -> bool:
 
 GOOD_SIZES = tuple(n for n in range(4, 1025, 2) if _is_smooth(n))  # even, 7-smooth FFT lengths
 
-# Rough CPU costs (ns) for the tile-size model: per FFT point and log2 of the FFT size (forward + backward,
-# input and output side, copies included), per real GEMM multiply-add, per (frequency, channel pair) of the
-# kernel spectrum. Only the ranking of tile sizes depends on them.
-_COST_FFT, _COST_FFT_COPY, _COST_GEMM, _COST_SPECTRUM = 1.5, 4.0, 0.4, 8.0
+# CPU costs (ns) of the tile-size model, fitted (least squares on relative error) to forward + backward times
+# of 32 (shape, tile) pairs measured on a 2-core AMD EPYC (README Performance): per FFT point, channel and
+# log2 of the FFT size; per FFT point and channel for the copies around it; per real entry of the kernel
+# spectrum read by one of the three per-frequency GEMMs (forward, grad-input, grad-weight); per multiply-add
+# of those GEMMs. Reading the kernel spectrum dominates with one tile and batch 1 (a GEMV per frequency), so
+# smaller tiles that give the GEMMs rows usually win. Only the ranking of tile sizes depends on them.
+_COST_FFT, _COST_FFT_COPY, _COST_SPECTRUM_READ, _COST_GEMM = 0.053, 6.3, 0.90, 0.0195
 
 
 def good_size(n: int) -> int:
@@ -90,7 +93,7 @@ def plan_tiles(
         tiles = batch * math.prod(t for _, _, t in axes)
         log_size = math.log2(math.prod(p for p, _, _ in axes))
         cost = (_COST_FFT * log_size + _COST_FFT_COPY) * points * batch * (cin + cout)
-        cost += _COST_GEMM * 3 * freqs * tiles * 4 * cin * cout + _COST_SPECTRUM * freqs * cin * cout
+        cost += 3 * freqs * 4 * cin * cout * (_COST_SPECTRUM_READ + tiles * _COST_GEMM)
         if cost < best_cost:
             best, best_cost = axes, cost
     return best
