@@ -17,13 +17,13 @@ between variants of one section mean something.
     FLOPs are counted by torch.utils.flop_counter.FlopCounterMode over one forward + backward: 2 x MACs of
     every convolution and matmul (forward, grad-input and grad-weight); norms, activations, upsampling and
     the optimiser are not counted, so the fraction is a lower bound on the hardware's use.
-(c) runner: per-job overhead of `python -m medexp train` (wall time minus the job's own train_seconds:
-    interpreter, imports, Hydra, MLflow, data cache, model build, test evaluation, logging), and the fraction
-    of a training loop spent waiting for the loader (make_loader with the paper's augmentation,
-    num_workers=0 as in the trainer default) on the demo data and on the same cases written as NIfTI and
-    read through the NIfTI dataset's cache.
+(c) runner: per-job overhead, the time a job spends outside its epochs (see `job_overhead`), in a sweep
+    (`sweep_job_overhead_s`) and for a job started as its own process (`process_job_overhead_s`); and the
+    fraction of a training loop spent waiting for the loader (make_loader with the paper's augmentation,
+    num_workers=0 as in the trainer default) on `dataset=demo` and on the same volumes through
+    `dataset=nifti` and its cache.
 
-Usage:  python scripts/bench.py --quick          (this machine: layers at 64^3, 3 repetitions)
+Usage:  python scripts/bench.py --quick          (this machine: layers at 64^3, 3 repetitions, ~6 min)
         python scripts/bench.py                  (layers at 64^3 and 128^3, 5 repetitions)
 The table comes first, then one key=value line per figure.
 """
