@@ -301,19 +301,23 @@ def job_overhead(workdir: Path, runs: int) -> dict[str, float]:
     }
 
 
-def demo_cases(workdir: Path, size: int) -> list[dict]:
-    """The demo dataset at size^3 (`dataset=demo`: NIfTI files decoded by MONAI's loader every epoch)."""
+def _demo(workdir: Path, size: int):
+    """The demo dataset of the runner section: 4 cases of size^3, generated on first use."""
     from medexp.data.demo import DemoDataset
 
-    return DemoDataset(root=str(workdir / "data"), num_cases=4, shape=[size] * 3).prepare()
+    return DemoDataset(root=str(workdir / "data"), num_cases=4, shape=[size] * 3)
+
+
+def demo_cases(workdir: Path, size: int) -> list[dict]:
+    """The demo dataset at size^3 (`dataset=demo`: NIfTI files decoded by MONAI's loader every epoch)."""
+    return _demo(workdir, size).prepare()
 
 
 def nifti_cases(workdir: Path, size: int) -> list[dict]:
     """The same volumes through `dataset=nifti`: preprocessed once into its .npy cache, then read from it."""
-    from medexp.data.demo import DemoDataset
     from medexp.data.nifti import NiftiDataset
 
-    demo = DemoDataset(root=str(workdir / "data"), num_cases=4, shape=[size] * 3)
+    demo = _demo(workdir, size)
     demo.prepare()
     dataset = NiftiDataset(root=str(demo.folder), shape=[size] * 3, cache_dir=str(workdir / "cache"))
     dataset.prepare()  # the first call preprocesses into the cache

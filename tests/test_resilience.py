@@ -57,17 +57,7 @@ def test_sigkill_after_first_checkpoint_then_resume(workdir: Path):
         "trainer.max_epochs=4",
         "experiment_name=kill",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    last = None
-    while time.time() < deadline and proc.poll() is None:
-        found = list((workdir / "outputs" / "runs").glob("*/*/checkpoints/last.pt"))
-        fresh = [p for p in found if p.stat().st_mtime > proc_start(proc)]
-        if fresh:
-            last = fresh[0]
-            break
-        time.sleep(0.1)
+    proc, last = start_until_checkpoint(args, workdir, "runs/*/*/checkpoints/last.pt")
     assert last is not None, "a checkpoint appeared"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -88,6 +78,22 @@ def test_sigkill_after_first_checkpoint_then_resume(workdir: Path):
     assert (output_dir / "checkpoints" / "best.pt").exists()
     assert (output_dir / "checkpoints" / "best.pt").stat().st_mtime >= best_before
     assert run.data.metrics["test/dice_mean"] >= 0.0
+
+
+def start_until_checkpoint(
+    args: list[str], workdir: Path, pattern: str
+) -> tuple[subprocess.Popen, Path | None]:
+    """Start `args` in workdir and wait (up to 300 s) until a file matching outputs/`pattern` is written
+    after the process started; (process, that file or None if the process ended or time ran out)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        fresh = [p for p in (workdir / "outputs").glob(pattern) if p.stat().st_mtime > proc_start(proc)]
+        if fresh:
+            return proc, fresh[0]
+        time.sleep(0.1)
+    return proc, None
 
 
 def proc_start(proc: subprocess.Popen) -> float:
@@ -156,14 +162,7 @@ def test_ctrl_c_during_a_sweep_leaves_no_run_running(workdir: Path):
     # (Hydra skips the end-of-sweep callback), the second job never starts, and the exit code is not 0.
     args = [sys.executable, "-m", "medexp", "train", "-m", "seed=1,2", *TINY, "trainer.max_epochs=500"]
     args += ["experiment_name=interrupted"]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        found = list((workdir / "outputs" / "multirun").glob("*/*/0/checkpoints/last.pt"))
-        if [p for p in found if p.stat().st_mtime > proc_start(proc)]:
-            break
-        time.sleep(0.1)
+    proc, _ = start_until_checkpoint(args, workdir, "multirun/*/*/0/checkpoints/last.pt")
     assert proc.poll() is None, "the sweep was still running when interrupted"
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)

@@ -21,6 +21,7 @@ y along H of (cout, cin, H, W).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -196,6 +197,7 @@ class _GaborConvNd(nn.Module):
 
     spatial_dims: int
     angle_names: tuple[str, ...]
+    fused_kernel: Callable[..., Tensor]  # gabor_kernel{3,2}d_fused: (sigma, *angles, *amplitudes, size)
 
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size: int = 7, bias: bool = True, impl: str = "auto"
@@ -263,7 +265,9 @@ class _GaborConvNd(nn.Module):
     def _generate(self, size: int) -> Tensor:
         """The central size^d taps of the weight from the current parameters (fused separable generation),
         with autograd."""
-        raise NotImplementedError
+        angles = (getattr(self, name) for name in self.angle_names)
+        amplitudes = (self.a_re, self.a_im, self.f_re, self.f_im, self.psi)
+        return self.fused_kernel(self.sigma, *angles, *amplitudes, size)
 
     def kernel(self, size: int | None = None) -> Tensor:
         """The generated weight, (cout, cin, s, ..., s): its central s = size taps per axis (default all k).
@@ -326,17 +330,13 @@ class GaborConv3d(_GaborConvNd):
 
     spatial_dims = 3
     angle_names = ("theta_y", "theta_z")
+    fused_kernel = staticmethod(gabor_kernel3d_fused)
 
     def _init_angles(self) -> None:
         # x' = u . (x, y, z) with u = (cos ty cos tz, -cos ty sin tz, sin ty), a unit vector; sin(theta_y)
         # uniform in [-1, 1] and theta_z uniform in [-pi, pi) make u uniform on the sphere.
         self.theta_y.copy_(torch.asin(torch.empty_like(self.theta_y).uniform_(-1.0, 1.0)))
         self.theta_z.uniform_(-math.pi, math.pi)
-
-    def _generate(self, size: int) -> Tensor:
-        angles = (self.theta_y, self.theta_z)
-        amplitudes = (self.a_re, self.a_im, self.f_re, self.f_im, self.psi)
-        return gabor_kernel3d_fused(self.sigma, *angles, *amplitudes, size)
 
 
 class GaborConv2d(_GaborConvNd):
@@ -348,11 +348,8 @@ class GaborConv2d(_GaborConvNd):
 
     spatial_dims = 2
     angle_names = ("theta",)
+    fused_kernel = staticmethod(gabor_kernel2d_fused)
 
     def _init_angles(self) -> None:
         # x' = u . (x, y) with u = (cos theta, sin theta): theta uniform gives uniform directions.
         self.theta.uniform_(-math.pi, math.pi)
-
-    def _generate(self, size: int) -> Tensor:
-        amplitudes = (self.a_re, self.a_im, self.f_re, self.f_im, self.psi)
-        return gabor_kernel2d_fused(self.sigma, self.theta, *amplitudes, size)

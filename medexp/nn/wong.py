@@ -118,6 +118,9 @@ class WongNet(nn.Module):
         self.head = head(in_channels=sum(channels[:-1]), num_classes=num_classes, spatial_dims=spatial_dims)
 
     def _upsample(self, x: Tensor, size: Sequence[int]) -> Tensor:
+        """(B, C, *s) -> (B, C, *size) by (tri/bi)linear interpolation; x itself when already that size."""
+        if tuple(x.shape[2:]) == tuple(size):
+            return x
         mode = "trilinear" if self.spatial_dims == 3 else "bilinear"
         return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
 
@@ -143,9 +146,7 @@ class WongNet(nn.Module):
             return self._plain_head_per_level(decoded, full_size)
         # Deep supervision: every decoder output at full size, concatenated -> (B, 96+48+24+12, *spatial)
         # with the paper's widths.
-        features = torch.cat(
-            [self._upsample(d, full_size) if d.shape[2:] != full_size else d for d in decoded], 1
-        )
+        features = torch.cat([self._upsample(d, full_size) for d in decoded], 1)
         return self.head(features)
 
     def _plain_head_per_level(self, decoded: list[Tensor], full_size: Sequence[int]) -> Tensor:
@@ -163,9 +164,7 @@ class WongNet(nn.Module):
         logits = conv.bias.view(1, -1, *[1] * self.spatial_dims)  # (1, K, 1, ..)
         for level_features, weight in zip(decoded, weights, strict=True):
             level_logits = conv._conv_forward(level_features, weight, None)  # (B, K, *spatial / 2^l)
-            if level_logits.shape[2:] != full_size:
-                level_logits = self._upsample(level_logits, full_size)
-            logits = logits + level_logits
+            logits = logits + self._upsample(level_logits, full_size)
         return logits  # (B, K, *spatial)
 
 
