@@ -1,0 +1,272 @@
+/* Separable generation of Gabor kernels and its gradient, for one floating type (see separable.c).
+ *
+ * Written by hand because no library has it. medexp.nn.gabor writes every kernel of Wong & Moradi's eq. 2
+ * as the real part of two rank-1 complex tensors per channel pair (o, i) (terms t = cosine, sine):
+ *
+ *     W[o, i, a, b, c] = sum_t Re(c_t phi_0[a, t] phi_1[b, t] phi_2[c, t]),  phi_j[a, t] = exp(-s r_a^2) e^{i w_jt r_a}
+ *
+ * r_a = a - k // 2 the tap offset, s = 1 / (2 sigma^2), w_jt = 2 pi u_j f_t (u the direction of x'), c_t the
+ * term's complex amplitude (all per pair). These functions build the factors from the 1 + 2 d + 4 numbers of
+ * a pair, multiply them out into its k^d taps and, backwards, reduce the taps' gradient onto those numbers:
+ * one pass over the taps each way. medexp/nn/separable.py holds the same computation in PyTorch operations
+ * (reference and fallback) and runs these functions on several threads, each on a range of blocks.
+ *
+ * Pairs are processed in blocks of BW pairs with the same o and consecutive i, every step vectorised across
+ * the block (loops over the lane l < BW), which is also the order of the taps in memory:
+ *   q    (cout cin, 1 + 2 d + 4) rows: s, w_00, w_01, .., w_(d-1)1, Re c_0, Im c_0, Re c_1, Im c_1.
+ *   e    (cout cin, 1 + 4 d) rows: exp(-s), cos w_00, sin w_00, .., sin w_(d-1)1, computed by the caller
+ *        (vectorised), so the kernel itself needs only products.
+ *   out  (cout, k^d, cin): the channels-last layout of the (cout, cin, k, .., k) weight, taps row-major
+ *        (3D: axes D, H, W = z, y, x; 2D has no middle axis, phi_1 = 1); grad in the same layout.
+ * Expects REAL (float or double), FN(name) and BW defined by the including file.
+ */
+
+#define WORKSPACE FN(workspace)
+#define LOAD FN(load_rows)
+#define FACTORS FN(factors)
+#define PLANE FN(plane)
+/* offsets into the block's arrays: factor (axis j, tap a, term t, re/im ri) and plane entry (term t, m) */
+#define FAC(j, a, t, ri) (((((j) * k + (a)) * 2 + (t)) * 2 + (ri)) * BW)
+#define PL(t, m) (((t) * plane + (m)) * BW)
+
+typedef struct {
+    REAL *qs, *es, *phi, *fac, *dfac, *yr, *yi, *gr, *gi, *tile, *dqs;
+} FN(work);
+
+/* One malloc for a call's block arrays (sizes follow d and k); NULL if out of memory. */
+static REAL *WORKSPACE(FN(work) * w, int d, int k) {
+    const long plane = (d == 3 ? k : 1) * (long)k, nfac = (long)d * k * 4 * BW, npl = 2 * plane * BW;
+    const long nq = 1 + 2 * d + 4, ne = 1 + 4 * d;
+    REAL *base = (REAL *)malloc(sizeof(REAL) * ((2 * nq + ne) * BW + 3 * nfac + 4 * npl + k * plane * BW));
+    if (!base) return 0;
+    REAL *p = base;
+    w->qs = p, p += nq * BW;
+    w->dqs = p, p += nq * BW;
+    w->es = p, p += ne * BW;
+    w->phi = p, p += nfac;
+    w->fac = p, p += nfac;
+    w->dfac = p, p += nfac;
+    w->yr = p, p += npl;
+    w->yi = p, p += npl;
+    w->gr = p, p += npl;
+    w->gi = p, p += npl;
+    w->tile = p; /* (k^d, BW): taps of a block that is not full */
+    return base;
+}
+
+/* dst[c * BW + l] = src[(p0 + l) * cols + c] for l < n; lanes past n repeat the last row (finite values). */
+static void LOAD(const REAL *src, long cols, long p0, int n, REAL *dst) {
+    for (long c = 0; c < cols; c++)
+        for (int l = 0; l < BW; l++) dst[c * BW + l] = src[(p0 + (l < n ? l : n - 1)) * cols + c];
+}
+
+/* phi from es, and fac = phi with the last axis multiplied by c_t. Only products: g(r) = exp(-s)^(r^2) by
+ * g(r + 1) = g(r) exp(-s)^(2 r + 1), e^{i w r} by powers of e^{i w}; negative offsets mirror (g even,
+ * e^{-i w r} the conjugate). */
+static void FACTORS(const REAL *qs, const REAL *es, REAL *phi, REAL *fac, int d, int k) {
+    const int h = k / 2;
+    REAL env[BW], step[BW], rho2[BW], er[6][BW], ei[6][BW]; /* g(r); e^{i w r} per (axis, term) */
+    for (int l = 0; l < BW; l++) env[l] = 1, step[l] = es[l], rho2[l] = es[l] * es[l];
+    for (int jt = 0; jt < 2 * d; jt++)
+        for (int l = 0; l < BW; l++) er[jt][l] = 1, ei[jt][l] = 0;
+    for (int r = 0; r <= h; r++) {
+        for (int jt = 0; jt < 2 * d; jt++) {
+            const REAL *br = es + (1 + 2 * jt) * BW, *bi = br + BW; /* cos w, sin w */
+            REAL *pos = phi + FAC(jt / 2, h + r, jt % 2, 0), *neg = phi + FAC(jt / 2, h - r, jt % 2, 0);
+#pragma omp simd
+            for (int l = 0; l < BW; l++) {
+                const REAL pr = env[l] * er[jt][l], pi = env[l] * ei[jt][l];
+                pos[l] = pr, pos[BW + l] = pi, neg[l] = pr, neg[BW + l] = -pi;
+                const REAL nr = er[jt][l] * br[l] - ei[jt][l] * bi[l];
+                ei[jt][l] = er[jt][l] * bi[l] + ei[jt][l] * br[l], er[jt][l] = nr;
+            }
+        }
+        for (int l = 0; l < BW; l++) env[l] *= step[l], step[l] *= rho2[l];
+    }
+    for (long i = 0; i < (long)d * k * 4 * BW; i++) fac[i] = phi[i];
+    const REAL *c = qs + (1 + 2 * d) * BW;
+    for (int a = 0; a < k; a++)
+        for (int t = 0; t < 2; t++) {
+            const REAL *p = phi + FAC(d - 1, a, t, 0), *cr = c + t * 2 * BW, *ci = cr + BW;
+            REAL *f = fac + FAC(d - 1, a, t, 0);
+#pragma omp simd
+            for (int l = 0; l < BW; l++)
+                f[l] = cr[l] * p[l] - ci[l] * p[BW + l], f[BW + l] = cr[l] * p[BW + l] + ci[l] * p[l];
+        }
+}
+
+/* yr + i yi at PL(t, m) = Y_t[b] X_t[c] for m = b k + c: the plane of the last two axes (2D: Y = 1). */
+static void PLANE(const REAL *fac, int d, int k, REAL *yr, REAL *yi) {
+    const int ky = d == 3 ? k : 1, plane = ky * k;
+    for (int b = 0; b < ky; b++)
+        for (int t = 0; t < 2; t++)
+            for (int c = 0; c < k; c++) {
+                const REAL *v = fac + FAC(d - 1, c, t, 0), *u = fac + FAC(1, b, t, 0);
+                REAL *wr = yr + PL(t, b * k + c), *wi = yi + PL(t, b * k + c);
+                if (d == 3) {
+#pragma omp simd
+                    for (int l = 0; l < BW; l++)
+                        wr[l] = u[l] * v[l] - u[BW + l] * v[BW + l], wi[l] = u[l] * v[BW + l] + u[BW + l] * v[l];
+                } else {
+                    for (int l = 0; l < BW; l++) wr[l] = v[l], wi[l] = v[BW + l];
+                }
+            }
+}
+
+/* Forward: the taps of blocks b0 <= block < b1 (block = o * ceil(cin / BW) + i / BW) into out. */
+void FN(gabor_expand)(const REAL *q, const REAL *e, REAL *out, long cin, int d, int k, long b0, long b1) {
+    const int plane = (d == 3 ? k : 1) * k, taps = k * plane, nq = 1 + 2 * d + 4, ne = 1 + 4 * d;
+    const long blocks_per_o = (cin + BW - 1) / BW;
+    FN(work) w;
+    REAL *base = WORKSPACE(&w, d, k);
+    if (!base) return;
+    for (long block = b0; block < b1; block++) {
+        const long o = block / blocks_per_o, i0 = (block % blocks_per_o) * BW, p0 = o * cin + i0;
+        const int n = cin - i0 < BW ? (int)(cin - i0) : BW;
+        LOAD(q, nq, p0, n, w.qs);
+        LOAD(e, ne, p0, n, w.es);
+        FACTORS(w.qs, w.es, w.phi, w.fac, d, k);
+        PLANE(w.fac, d, k, w.yr, w.yi);
+        /* a full block writes straight into out (stride cin between taps), a partial one into the tile */
+        REAL *dst = n == BW ? out + o * taps * cin + i0 : w.tile;
+        const long stride = n == BW ? cin : BW;
+        for (int a = 0; a < k; a++) {
+            const REAL *zr0 = w.fac + FAC(0, a, 0, 0), *zi0 = zr0 + BW, *zr1 = zi0 + BW, *zi1 = zr1 + BW;
+            for (int m = 0; m < plane; m++) {
+                const REAL *yr0 = w.yr + PL(0, m), *yi0 = w.yi + PL(0, m);
+                const REAL *yr1 = w.yr + PL(1, m), *yi1 = w.yi + PL(1, m);
+                REAL *row = dst + (a * plane + m) * stride;
+                __builtin_prefetch(row + PREFETCH * stride, 1); /* taps are a cache line apart: no HW prefetch */
+#pragma omp simd
+                for (int l = 0; l < BW; l++)
+                    row[l] = zr0[l] * yr0[l] - zi0[l] * yi0[l] + zr1[l] * yr1[l] - zi1[l] * yi1[l];
+            }
+        }
+        if (n < BW)
+            for (int tap = 0; tap < taps; tap++)
+                for (int l = 0; l < n; l++) out[(o * taps + tap) * cin + i0 + l] = w.tile[tap * BW + l];
+    }
+    free(base);
+}
+
+/* Backward: dq of the pairs in blocks b0 <= block < b1 from grad = dL/dW (layout of out), in three steps:
+ * 1. onto the first axis and the plane (G = grad, YX = the plane):
+ *      dL/dRe Z_t[a] = sum_m G[a, m] Re YX_t[m],   dL/dIm Z_t[a] = -sum_m G[a, m] Im YX_t[m],
+ *      dL/dRe YX_t[m] = sum_a G[a, m] Re Z_t[a],   dL/dIm YX_t[m] = -sum_a G[a, m] Im Z_t[a];
+ * 2. onto the other axes by the product rule: for w = u v and gw = dL/dRe w + i dL/dIm w,
+ *      dL/du = gw conj(v) (as re + i im), and likewise dL/dv = gw conj(u); the same rule gives
+ *      dL/dphi = dF conj(c) and dL/dc_t = sum_a dF[a, t] conj(phi[a, t]) on the last axis;
+ * 3. onto s and w with dphi/ds = -r^2 phi, dphi/dw = i r phi:
+ *      dL/ds = -sum r_a^2 Re(dphi conj(phi)),  dL/dw_jt = sum_a r_a Im(dphi conj(phi)). */
+void FN(gabor_expand_backward)(const REAL *q, const REAL *e, const REAL *grad, REAL *dq, long cin, int d, int k,
+                               long b0, long b1) {
+    const int plane = (d == 3 ? k : 1) * k, taps = k * plane, nq = 1 + 2 * d + 4, ne = 1 + 4 * d, h = k / 2;
+    const long blocks_per_o = (cin + BW - 1) / BW;
+    FN(work) w;
+    REAL *base = WORKSPACE(&w, d, k);
+    if (!base) return;
+    for (long block = b0; block < b1; block++) {
+        const long o = block / blocks_per_o, i0 = (block % blocks_per_o) * BW, p0 = o * cin + i0;
+        const int n = cin - i0 < BW ? (int)(cin - i0) : BW;
+        LOAD(q, nq, p0, n, w.qs);
+        LOAD(e, ne, p0, n, w.es);
+        FACTORS(w.qs, w.es, w.phi, w.fac, d, k);
+        PLANE(w.fac, d, k, w.yr, w.yi);
+        const REAL *src = grad + o * taps * cin + i0;
+        long stride = cin;
+        if (n < BW) { /* a partial block: copy its lanes into the tile, zeros past n */
+            for (int tap = 0; tap < taps; tap++)
+                for (int l = 0; l < BW; l++) w.tile[tap * BW + l] = l < n ? src[tap * cin + l] : 0;
+            src = w.tile, stride = BW;
+        }
+        /* step 1 */
+        for (long i = 0; i < 2L * plane * BW; i++) w.gr[i] = w.gi[i] = 0;
+        for (int a = 0; a < k; a++) {
+            const REAL *zr0 = w.fac + FAC(0, a, 0, 0), *zi0 = zr0 + BW, *zr1 = zi0 + BW, *zi1 = zr1 + BW;
+            REAL s0r[BW] = {0}, s0i[BW] = {0}, s1r[BW] = {0}, s1i[BW] = {0};
+            for (int m = 0; m < plane; m++) {
+                const REAL *g = src + (a * plane + m) * stride;
+                __builtin_prefetch(g + PREFETCH * stride, 0);
+                const REAL *yr0 = w.yr + PL(0, m), *yi0 = w.yi + PL(0, m);
+                const REAL *yr1 = w.yr + PL(1, m), *yi1 = w.yi + PL(1, m);
+                REAL *gr0 = w.gr + PL(0, m), *gi0 = w.gi + PL(0, m), *gr1 = w.gr + PL(1, m), *gi1 = w.gi + PL(1, m);
+#pragma omp simd
+                for (int l = 0; l < BW; l++) {
+                    s0r[l] += g[l] * yr0[l], s0i[l] += g[l] * yi0[l];
+                    s1r[l] += g[l] * yr1[l], s1i[l] += g[l] * yi1[l];
+                    gr0[l] += g[l] * zr0[l], gi0[l] -= g[l] * zi0[l];
+                    gr1[l] += g[l] * zr1[l], gi1[l] -= g[l] * zi1[l];
+                }
+            }
+            REAL *dz = w.dfac + FAC(0, a, 0, 0);
+            for (int l = 0; l < BW; l++)
+                dz[l] = s0r[l], dz[BW + l] = -s0i[l], dz[2 * BW + l] = s1r[l], dz[3 * BW + l] = -s1i[l];
+        }
+        /* step 2: the plane onto its axes (the middle one only in 3D), then c off the last axis */
+        for (int c = 0; c < k; c++)
+            for (int t = 0; t < 2; t++)
+                for (int l = 0; l < 2 * BW; l++) w.dfac[FAC(d - 1, c, t, 0) + l] = 0;
+        for (int b = 0; b < (d == 3 ? k : 1); b++)
+            for (int t = 0; t < 2; t++) {
+                const REAL *u = d == 3 ? w.fac + FAC(1, b, t, 0) : 0;
+                REAL dur[BW] = {0}, dui[BW] = {0};
+                for (int c = 0; c < k; c++) {
+                    const REAL *v = w.fac + FAC(d - 1, c, t, 0), *wr = w.gr + PL(t, b * k + c);
+                    const REAL *wi = w.gi + PL(t, b * k + c);
+                    REAL *dv = w.dfac + FAC(d - 1, c, t, 0);
+                    if (d == 3) {
+#pragma omp simd
+                        for (int l = 0; l < BW; l++) {
+                            dur[l] += wr[l] * v[l] + wi[l] * v[BW + l], dui[l] += wi[l] * v[l] - wr[l] * v[BW + l];
+                            dv[l] += wr[l] * u[l] + wi[l] * u[BW + l], dv[BW + l] += wi[l] * u[l] - wr[l] * u[BW + l];
+                        }
+                    } else {
+                        for (int l = 0; l < BW; l++) dv[l] += wr[l], dv[BW + l] += wi[l];
+                    }
+                }
+                if (d == 3) {
+                    REAL *du = w.dfac + FAC(1, b, t, 0);
+                    for (int l = 0; l < BW; l++) du[l] = dur[l], du[BW + l] = dui[l];
+                }
+            }
+        REAL *dc = w.dqs + (1 + 2 * d) * BW;
+        for (int i = 0; i < 4 * BW; i++) dc[i] = 0;
+        for (int a = 0; a < k; a++)
+            for (int t = 0; t < 2; t++) {
+                REAL *df = w.dfac + FAC(d - 1, a, t, 0), *dcr = dc + t * 2 * BW, *dci = dcr + BW;
+                const REAL *ph = w.phi + FAC(d - 1, a, t, 0), *cr = w.qs + (1 + 2 * d + t * 2) * BW, *ci = cr + BW;
+#pragma omp simd
+                for (int l = 0; l < BW; l++) {
+                    const REAL fr = df[l], fi = df[BW + l];
+                    dcr[l] += fr * ph[l] + fi * ph[BW + l], dci[l] += fi * ph[l] - fr * ph[BW + l];
+                    df[l] = fr * cr[l] + fi * ci[l], df[BW + l] = fi * cr[l] - fr * ci[l];
+                }
+            }
+        /* step 3 */
+        REAL *ds = w.dqs;
+        for (int l = 0; l < BW; l++) ds[l] = 0;
+        for (int jt = 0; jt < 2 * d; jt++) {
+            REAL *dw = w.dqs + (1 + jt) * BW;
+            for (int l = 0; l < BW; l++) dw[l] = 0;
+            for (int a = 0; a < k; a++) {
+                const REAL *ph = w.phi + FAC(jt / 2, a, jt % 2, 0), *df = w.dfac + FAC(jt / 2, a, jt % 2, 0);
+                const REAL r = a - h;
+#pragma omp simd
+                for (int l = 0; l < BW; l++) {
+                    ds[l] -= r * r * (df[l] * ph[l] + df[BW + l] * ph[BW + l]);
+                    dw[l] += r * (df[BW + l] * ph[l] - df[l] * ph[BW + l]);
+                }
+            }
+        }
+        for (int l = 0; l < n; l++)
+            for (int c = 0; c < nq; c++) dq[(p0 + l) * nq + c] = w.dqs[c * BW + l];
+    }
+    free(base);
+}
+
+#undef WORKSPACE
+#undef LOAD
+#undef FACTORS
+#undef PLANE
+#undef FAC
+#undef PL

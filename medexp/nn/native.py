@@ -1,0 +1,90 @@
+"""Build and load medexp's C kernels (medexp/nn/csrc) with the system C compiler, cached per machine.
+
+The C sources are plain C (no Python or PyTorch headers), so a build takes about a second: the first use
+compiles them with `$CC` (default `cc`) into ~/.cache/medexp/native/<key>/ (or $MEDEXP_CACHE_DIR/native),
+where the key hashes the sources, the flags, the compiler and the CPU model, so a cluster whose nodes share
+a home directory keeps one build per CPU type. Builds are written under a temporary name and renamed, so
+concurrent ranks never load a half-written library. Functions are called through ctypes, which releases the
+GIL during the call, so Python threads can run them in parallel on disjoint chunks.
+
+Without a working compiler (or with MEDEXP_NATIVE=0) `library()` returns None after one warning and
+callers use their PyTorch fallback: results are the same, only slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from functools import cache
+from pathlib import Path
+
+SOURCES = Path(__file__).resolve().parent / "csrc"
+# -fopenmp-simd honours the `#pragma omp simd` loops without linking an OpenMP runtime (torch has its own).
+FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC"],
+    ["-O3", "-fopenmp-simd", "-shared", "-fPIC"],  # compilers without -march=native
+)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MEDEXP_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "medexp") / "native"
+
+
+def _build(name: str, compiler: str) -> Path | None:
+    """Compile csrc/<name>.c (with the headers beside it) into a cached shared library; None on failure."""
+    source = SOURCES / f"{name}.c"
+    texts = b"".join(p.read_bytes() for p in sorted(SOURCES.iterdir()) if p.suffix in (".c", ".h"))
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(
+            texts + " ".join([compiler, *flags, _cpu_model(), platform.machine()]).encode()
+        ).hexdigest()[:16]
+        target = cache_dir() / key / f"lib{name}.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        cmd = [compiler, *flags, f"-I{SOURCES}", str(source), "-o", tmp, "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode == 0:
+            os.replace(tmp, target)
+            return target
+        os.unlink(tmp)
+        errors.append(done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"])
+    warnings.warn(f"medexp: could not compile {source} with {compiler} ({errors[-1][0]}); using PyTorch")
+    return None
+
+
+@cache
+def library(name: str = "separable") -> ctypes.CDLL | None:
+    """The loaded C library csrc/<name>.c, or None (MEDEXP_NATIVE=0, or no working C compiler)."""
+    if os.environ.get("MEDEXP_NATIVE", "1") == "0":
+        return None
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        warnings.warn(f"medexp: no C compiler {compiler!r} on PATH; Gabor kernels use the PyTorch path")
+        return None
+    try:
+        path = _build(name, compiler)
+        return ctypes.CDLL(str(path)) if path else None
+    except OSError as err:  # unwritable cache directory, a library the loader rejects
+        warnings.warn(f"medexp: could not build or load csrc/{name}.c ({err}); using PyTorch")
+        return None

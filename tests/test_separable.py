@@ -1,0 +1,123 @@
+"""The separable Gabor generation (medexp.nn.separable) and its C kernel (medexp.nn.native)."""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+
+import pytest
+import torch
+
+from medexp.nn import native, separable
+from medexp.nn.gabor import gabor_kernel2d, gabor_kernel3d
+
+needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler")
+
+
+def _rows(cout: int, cin: int, d: int, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
+    """Random q rows with a positive s, as GaborConv builds them."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(cout, cin, separable.row_length(d), generator=gen, dtype=dtype)
+    q[..., 0] = q[..., 0].abs() * 0.3
+    return q.requires_grad_()
+
+
+def test_rows_from_eq2_parameters_give_the_formula():
+    # q built by hand from eq. 2's parameters for one 3D pair: s = 1 / (2 sigma^2), w_jt = 2 pi u_j f_t,
+    # c_0 = a_re e^{i psi}, c_1 = -i a_im e^{i psi}; expand must reproduce gabor_kernel3d.
+    sigma, ty, tz, a_re, a_im, f_re, f_im, psi = 1.7, 0.4, -1.1, 0.8, -0.3, 0.12, 0.21, 0.5
+    u = (math.sin(ty), -math.cos(ty) * math.sin(tz), math.cos(ty) * math.cos(tz))  # along (D, H, W)
+    omega = [2 * math.pi * uj * f for uj in u for f in (f_re, f_im)]
+    coef = [a_re * math.cos(psi), a_re * math.sin(psi), a_im * math.sin(psi), -a_im * math.cos(psi)]
+    q = torch.tensor([[[1 / (2 * sigma**2), *omega, *coef]]], dtype=torch.float64)
+    params = [torch.tensor([[v]], dtype=torch.float64) for v in (sigma, ty, tz, a_re, a_im, f_re, f_im, psi)]
+    want = gabor_kernel3d(*params, size=5)
+    torch.testing.assert_close(separable.expand(q, 5), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(separable.expand_torch(q, 5), want, rtol=1e-12, atol=1e-12)
+
+
+def test_2d_rows_give_the_formula():
+    sigma, theta, a_re, a_im, f_re, f_im, psi = 2.1, 0.7, -0.5, 0.9, 0.05, 0.3, -2.0
+    u = (math.sin(theta), math.cos(theta))  # x' = x cos theta + y sin theta along (H, W)
+    omega = [2 * math.pi * uj * f for uj in u for f in (f_re, f_im)]
+    coef = [a_re * math.cos(psi), a_re * math.sin(psi), a_im * math.sin(psi), -a_im * math.cos(psi)]
+    q = torch.tensor([[[1 / (2 * sigma**2), *omega, *coef]]], dtype=torch.float64)
+    params = [torch.tensor([[v]], dtype=torch.float64) for v in (sigma, theta, a_re, a_im, f_re, f_im, psi)]
+    torch.testing.assert_close(
+        separable.expand(q, 7), gabor_kernel2d(*params, size=7), rtol=1e-12, atol=1e-12
+    )
+
+
+@needs_native
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("cout,cin", [(3, 1), (2, 16), (4, 37)])  # partial, one full, full + partial blocks
+def test_native_matches_torch_values_and_gradients(d, cout, cin):
+    q = _rows(cout, cin, d)
+    got, want = separable.expand(q, 7), separable.expand_torch(q, 7)
+    assert got.stride(1) == 1  # channels-last weight, what oneDNN reads
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(want)
+    (g_got,) = torch.autograd.grad(got, q, grad)
+    (g_want,) = torch.autograd.grad(want, q, grad)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-10)
+
+
+@needs_native
+@pytest.mark.parametrize("d", [2, 3])
+def test_native_gradcheck(d):
+    q = _rows(2, 19, d, seed=3)
+    assert torch.autograd.gradcheck(lambda t: separable.expand(t, 5), (q,))
+
+
+@needs_native
+def test_native_float32_and_threads():
+    q64 = _rows(24, 40, 3, seed=4)
+    want = separable.expand_torch(q64, 7)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):  # one range, and ranges that split the 24 * 3 blocks unevenly
+            torch.set_num_threads(n)
+            got = separable.expand(q64.detach().float(), 7)
+            torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_expand_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="cout, cin, 11"):
+        separable.expand(torch.zeros(4, 11), 7)
+    with pytest.raises(ValueError, match="odd"):
+        separable.expand(torch.zeros(1, 1, 11), 4)
+
+
+def test_no_compiler_falls_back_with_one_warning(tmp_path, monkeypatch):
+    broken = tmp_path / "broken-cc"
+    broken.write_text("#!/bin/sh\necho 'broken-cc: cannot compile' >&2\nexit 1\n")
+    broken.chmod(broken.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setenv("MEDEXP_CACHE_DIR", str(tmp_path / "cache"))
+    native.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="could not compile .*separable.c.*broken-cc: cannot compile"):
+            assert native.library() is None
+        q = _rows(2, 3, 3)
+        torch.testing.assert_close(separable.expand(q, 5), separable.expand_torch(q, 5))
+    finally:
+        native.library.cache_clear()
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler")
+def test_build_is_cached_per_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDEXP_CACHE_DIR", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None
+        (built,) = list(tmp_path.rglob("libseparable.so"))
+        stamp = os.stat(built).st_mtime_ns
+        native.library.cache_clear()
+        assert native.library() is not None
+        assert os.stat(built).st_mtime_ns == stamp  # loaded from the cache, not rebuilt
+        assert not [p for p in built.parent.iterdir() if p != built]  # no temporary left behind
+    finally:
+        native.library.cache_clear()
