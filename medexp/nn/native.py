@@ -69,7 +69,9 @@ def _build(name: str, compiler: str) -> Path | None:
             return target
         os.unlink(tmp)
         errors.append(done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"])
-    warnings.warn(f"medexp: could not compile {source} with {compiler} ({errors[-1][0]}); using PyTorch")
+    reason = errors[-1][0]
+    message = f"medexp: could not compile {source} with {compiler} ({reason}); using PyTorch"
+    warnings.warn(message, stacklevel=3)
     return None
 
 
@@ -80,11 +82,11 @@ def library(name: str = "separable") -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
-        warnings.warn(f"medexp: no C compiler {compiler!r} on PATH; Gabor kernels use the PyTorch path")
+        warnings.warn(f"medexp: no C compiler {compiler!r} on PATH; using PyTorch", stacklevel=2)
         return None
     try:
         path = _build(name, compiler)
         return ctypes.CDLL(str(path)) if path else None
     except OSError as err:  # unwritable cache directory, a library the loader rejects
-        warnings.warn(f"medexp: could not build or load csrc/{name}.c ({err}); using PyTorch")
+        warnings.warn(f"medexp: could not build or load csrc/{name}.c ({err}); using PyTorch", stacklevel=2)
         return None

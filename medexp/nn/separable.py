@@ -3,7 +3,8 @@
 medexp.nn.gabor writes every kernel of Wong & Moradi's eq. 2 as the real part of two rank-1 complex tensors
 (terms t = cosine, sine), per channel pair (o, i):
 
-    W[o, i, a, b, c] = sum_t Re(c_t phi_0[a, t] phi_1[b, t] phi_2[c, t]),  phi_j[a, t] = exp(-s r_a^2) e^{i w_jt r_a}
+    W[o, i, a, b, c] = sum_t Re(c_t phi_0[a, t] phi_1[b, t] phi_2[c, t]),
+    phi_j[a, t] = exp(-s r_a^2) e^{i w_jt r_a}
 
 with r_a = a - k // 2 the tap offsets, s = 1 / (2 sigma^2), w_jt = 2 pi u_j f_t (u the direction of x') and
 c_t the complex amplitude of term t (2D drops the middle axis). `expand(q, k)` takes, per pair, the row
@@ -46,7 +47,7 @@ def _dims(q: Tensor) -> int:
 
 
 def expand_torch(q: Tensor, k: int) -> Tensor:
-    """W from q in PyTorch operations (reference and fallback): (cout, cin, 1 + 2d + 4) -> (cout, cin, k..k)."""
+    """W from q by PyTorch operations (reference, fallback): (cout, cin, 1 + 2d + 4) -> (cout, cin, k, ..)."""
     d = _dims(q)
     cout, cin = q.shape[:2]
     q = q.reshape(cout * cin, -1)  # (P, 1 + 2d + 4)
@@ -76,7 +77,8 @@ def _run_chunked(fn, blocks: int, *args) -> None:
     global _POOL
     threads = max(1, min(torch.get_num_threads(), blocks // MIN_BLOCKS_PER_THREAD))
     bounds = [blocks * i // threads for i in range(threads + 1)]
-    calls = [(*args, ctypes.c_long(b0), ctypes.c_long(b1)) for b0, b1 in zip(bounds, bounds[1:])]
+    ranges = zip(bounds, bounds[1:], strict=False)
+    calls = [(*args, ctypes.c_long(b0), ctypes.c_long(b1)) for b0, b1 in ranges]
     if threads == 1:
         fn(*calls[0])
         return

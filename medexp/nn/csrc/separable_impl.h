@@ -3,7 +3,8 @@
  * Written by hand because no library has it. medexp.nn.gabor writes every kernel of Wong & Moradi's eq. 2
  * as the real part of two rank-1 complex tensors per channel pair (o, i) (terms t = cosine, sine):
  *
- *     W[o, i, a, b, c] = sum_t Re(c_t phi_0[a, t] phi_1[b, t] phi_2[c, t]),  phi_j[a, t] = exp(-s r_a^2) e^{i w_jt r_a}
+ *     W[o, i, a, b, c] = sum_t Re(c_t phi_0[a, t] phi_1[b, t] phi_2[c, t]),
+ *     phi_j[a, t] = exp(-s r_a^2) e^{i w_jt r_a}
  *
  * r_a = a - k // 2 the tap offset, s = 1 / (2 sigma^2), w_jt = 2 pi u_j f_t (u the direction of x'), c_t the
  * term's complex amplitude (all per pair). These functions build the factors from the 1 + 2 d + 4 numbers of
