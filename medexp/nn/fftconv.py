@@ -348,9 +348,16 @@ def gemm_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     cols = F.pad(x, [h for k in reversed(ks) for h in (k // 2, k // 2)])
     for j, k in enumerate(ks):
         cols = cols.unfold(2 + j, k, 1)  # (B, cin, *S, k_0, ..)
-    cols = cols.permute(0, 1, *range(2 + d, 2 + 2 * d), *range(2, 2 + d))  # (B, cin, *k, *S)
+    taps = tuple(range(2 + d, 2 + 2 * d))
+    # a channels-last weight is (cout, *k, cin) in memory: order the columns (*k, cin) and use it as a view
+    if weight.stride(1) == 1 and cin > 1:
+        cols = cols.permute(0, *taps, 1, *range(2, 2 + d))  # (B, *k, cin, *S)
+        matrix = weight.permute(0, *range(2, 2 + d), 1).reshape(weight.shape[0], -1)  # (cout, k^d cin)
+    else:
+        cols = cols.permute(0, 1, *taps, *range(2, 2 + d))  # (B, cin, *k, *S)
+        matrix = weight.reshape(weight.shape[0], -1)  # (cout, cin k^d)
     cols = cols.reshape(batch, cin * math.prod(ks), math.prod(spatial))  # (B, cin k^d, voxels)
-    out = torch.matmul(weight.reshape(weight.shape[0], -1), cols)  # (B, cout, voxels)
+    out = torch.matmul(matrix, cols)  # (B, cout, voxels)
     out = out.view(batch, -1, *spatial)  # (B, cout, *S)
     if bias is not None:
         out = out + bias.view(1, -1, *[1] * d)

@@ -21,6 +21,7 @@ the channels-last layout that oneDNN's convolution reads (and its weight gradien
 from __future__ import annotations
 
 import ctypes
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -29,7 +30,7 @@ from torch import Tensor
 from medexp.nn import native
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-MIN_BLOCKS_PER_THREAD = 4  # below this, one call on the calling thread
+MIN_BLOCKS_PER_THREAD = 512  # fewer per thread: one call on this thread (a wake-up costs more)
 
 
 def row_length(d: int) -> int:
@@ -72,6 +73,14 @@ BLOCK = 16  # BW of csrc/separable.c: pairs (consecutive input channels) per blo
 _POOL: ThreadPoolExecutor | None = None
 
 
+def _forget_pool() -> None:
+    global _POOL
+    _POOL = None  # a forked child has the pool object but not its threads
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _run_chunked(fn, blocks: int, *args) -> None:
     """fn(*args, b0, b1) over blocks [0, blocks), one range per thread (ctypes drops the GIL)."""
     global _POOL
@@ -93,8 +102,9 @@ def _run_chunked(fn, blocks: int, *args) -> None:
 def _exponentials(q: Tensor, d: int) -> Tensor:
     """(..., 1 + 4d): exp(-s) and (cos w, sin w) of every frequency in q, the values the C kernel raises to
     powers (PyTorch's vectorised transcendental functions, so the kernel itself needs only products)."""
-    omega = q[..., 1 : 1 + 2 * d]  # (..., 2d)
-    return torch.cat([torch.exp(-q[..., :1]), torch.stack([omega.cos(), omega.sin()], -1).flatten(-2)], -1)
+    head = q[..., : 1 + 2 * d].contiguous()  # s and the frequencies, contiguous: vectorised cos and sin
+    omega = head[..., 1:]  # (..., 2d)
+    return torch.cat([torch.exp(-head[..., :1]), torch.stack([omega.cos(), omega.sin()], -1).flatten(-2)], -1)
 
 
 def _pointer(t: Tensor) -> ctypes.c_void_p:
