@@ -82,21 +82,23 @@ os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _run_chunked(fn, blocks: int, *args) -> None:
-    """fn(*args, b0, b1) over blocks [0, blocks), one range per thread (ctypes drops the GIL)."""
+    """fn(*args, b0, b1) over blocks [0, blocks), one range per thread (ctypes drops the GIL); fn returns
+    nonzero when it could not allocate its work arrays, raised here as MemoryError."""
     global _POOL
     threads = max(1, min(torch.get_num_threads(), blocks // MIN_BLOCKS_PER_THREAD))
     bounds = [blocks * i // threads for i in range(threads + 1)]
     ranges = zip(bounds, bounds[1:], strict=False)
     calls = [(*args, ctypes.c_long(b0), ctypes.c_long(b1)) for b0, b1 in ranges]
     if threads == 1:
-        fn(*calls[0])
-        return
-    if _POOL is None or _POOL._max_workers < threads:
-        _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="medexp-expand")
-    futures = [_POOL.submit(fn, *call) for call in calls[1:]]
-    fn(*calls[0])  # the first range on this thread, meanwhile
-    for future in futures:
-        future.result()
+        failed = fn(*calls[0])
+    else:
+        if _POOL is None or _POOL._max_workers < threads:
+            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="medexp-expand")
+        futures = [_POOL.submit(fn, *call) for call in calls[1:]]
+        failed = fn(*calls[0])  # the first range on this thread, meanwhile
+        failed |= any([future.result() for future in futures])
+    if failed:
+        raise MemoryError(f"medexp: {fn.__name__} could not allocate its work arrays")
 
 
 def _exponentials(q: Tensor, d: int) -> Tensor:

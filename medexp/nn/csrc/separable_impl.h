@@ -114,13 +114,15 @@ static void PLANE(const REAL *fac, int d, int k, REAL *yr, REAL *yi) {
             }
 }
 
-/* Forward: the taps of blocks b0 <= block < b1 (block = o * ceil(cin / BW) + i / BW) into out. */
-void FN(gabor_expand)(const REAL *q, const REAL *e, REAL *out, long cin, int d, int k, long b0, long b1) {
+/* Forward: the taps of blocks b0 <= block < b1 (block = o * ceil(cin / BW) + i / BW) into out; 0, or 1 when
+ * out of memory. */
+int FN(gabor_expand)(const REAL *q, const REAL *e, REAL *out, long cin, int d, int k, long b0, long b1) {
     const int plane = (d == 3 ? k : 1) * k, taps = k * plane, nq = 1 + 2 * d + 4, ne = 1 + 4 * d;
     const long blocks_per_o = (cin + BW - 1) / BW;
     FN(work) w;
     REAL *base = WORKSPACE(&w, d, k);
-    if (!base) return;
+    if (!base) return 1; /* out of memory: the caller raises */
+    FLUSH_DENORMALS_BEGIN
     for (long block = b0; block < b1; block++) {
         const long o = block / blocks_per_o, i0 = (block % blocks_per_o) * BW, p0 = o * cin + i0;
         const int n = cin - i0 < BW ? (int)(cin - i0) : BW;
@@ -146,7 +148,9 @@ void FN(gabor_expand)(const REAL *q, const REAL *e, REAL *out, long cin, int d, 
             for (int tap = 0; tap < taps; tap++)
                 for (int l = 0; l < n; l++) out[(o * taps + tap) * cin + i0 + l] = w.tile[tap * BW + l];
     }
+    FLUSH_DENORMALS_END
     free(base);
+    return 0;
 }
 
 /* Backward: dq of the pairs in blocks b0 <= block < b1 from grad = dL/dW (layout of out), in three steps:
@@ -158,13 +162,14 @@ void FN(gabor_expand)(const REAL *q, const REAL *e, REAL *out, long cin, int d, 
  *      dL/dphi = dF conj(c) and dL/dc_t = sum_a dF[a, t] conj(phi[a, t]) on the last axis;
  * 3. onto s and w with dphi/ds = -r^2 phi, dphi/dw = i r phi:
  *      dL/ds = -sum r_a^2 Re(dphi conj(phi)),  dL/dw_jt = sum_a r_a Im(dphi conj(phi)). */
-void FN(gabor_expand_backward)(const REAL *q, const REAL *e, const REAL *grad, REAL *dq, long cin, int d, int k,
-                               long b0, long b1) {
+int FN(gabor_expand_backward)(const REAL *q, const REAL *e, const REAL *grad, REAL *dq, long cin, int d, int k,
+                              long b0, long b1) {
     const int plane = (d == 3 ? k : 1) * k, taps = k * plane, nq = 1 + 2 * d + 4, ne = 1 + 4 * d, h = k / 2;
     const long blocks_per_o = (cin + BW - 1) / BW;
     FN(work) w;
     REAL *base = WORKSPACE(&w, d, k);
-    if (!base) return;
+    if (!base) return 1; /* out of memory: the caller raises */
+    FLUSH_DENORMALS_BEGIN
     for (long block = b0; block < b1; block++) {
         const long o = block / blocks_per_o, i0 = (block % blocks_per_o) * BW, p0 = o * cin + i0;
         const int n = cin - i0 < BW ? (int)(cin - i0) : BW;
@@ -261,7 +266,9 @@ void FN(gabor_expand_backward)(const REAL *q, const REAL *e, const REAL *grad, R
         for (int l = 0; l < n; l++)
             for (int c = 0; c < nq; c++) dq[(p0 + l) * nq + c] = w.dqs[c * BW + l];
     }
+    FLUSH_DENORMALS_END
     free(base);
+    return 0;
 }
 
 #undef WORKSPACE
