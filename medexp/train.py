@@ -6,8 +6,10 @@ processes (DDP); under torchrun it is itself one worker. `train_worker` reads to
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import time
@@ -189,6 +191,7 @@ def _train(cfg: DictConfig, ctx: dist.DistContext, output_dir: Path, job: dict, 
                 device=ctx.device,
                 predictions="test" in result,
             )
+        _log_conv_impls(model, output_dir, tracker)
         tags = {"diverged": str(diverged_at is not None).lower(), "train_seconds": f"{train_seconds:.1f}"}
         tags.update(ranks_in_sync=str(in_sync).lower(), world_size=ctx.world_size)
         tracker.set_tags({**tags, **({"diverged_epoch": diverged_at} if diverged_at else {})})
@@ -286,6 +289,22 @@ def _test(cfg, model, cases, info, ctx, ckpt_dir, output_dir, tracker, loader_ar
     if cfg.tracking.log_checkpoint:
         tracker.log_artifact(best_path, "checkpoints")
     return {"test": metrics}
+
+
+def _log_conv_impls(model: torch.nn.Module, output_dir: Path, tracker: RunTracker) -> None:
+    """Record the convolution implementation every Gabor layer ran (conv_impls.json and a `conv_impls` tag).
+
+    kernel.impl=auto picks by measured speed, so two runs of one config may pick differently and then differ
+    in float rounding; the record says what ran, and a fixed kernel.impl repeats runs exactly.
+    """
+    used = {name: m.used_impl for name, m in model.named_modules() if getattr(m, "used_impl", None)}
+    if not used:
+        return
+    path = output_dir / "conv_impls.json"
+    path.write_text(json.dumps(used, indent=1))
+    tracker.log_artifact(path)
+    counts = collections.Counter(used.values())
+    tracker.set_tags({"conv_impls": ",".join(f"{impl}:{n}" for impl, n in sorted(counts.items()))})
 
 
 def _state(

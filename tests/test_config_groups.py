@@ -64,6 +64,12 @@ def test_every_kernel_and_head_trains_one_epoch_on_demo_data(workdir: Path):
     )
     assert all(r.info.status == "FINISHED" and r.data.tags["diverged"] == "false" for r in runs)
     assert all(0.0 <= r.data.metrics["test/dice_mean"] <= 1.0 for r in runs)
+    # what kernel.impl=auto ran is on record for Gabor layers: 15 of the 21 spatial convs in the mixed model
+    impls = {r.data.tags["kernel"]: r.data.tags.get("conv_impls") for r in runs}
+    assert impls["conventional"] is None
+    for kernel, convs in (("gabor", 21), ("mixed", 15)):
+        counts = dict(item.split(":") for item in impls[kernel].split(","))
+        assert set(counts) <= {"direct", "fft", "gemm"} and sum(map(int, counts.values())) == convs, impls
 
 
 def test_every_loss_trains_one_epoch_on_demo_data(workdir: Path):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medexp.nn.fftconv import IMPLS, reach, same_conv
+from medexp.nn.fftconv import IMPLS, conv_by, crop_to_reach, reach, resolve_impl
 from medexp.nn.separable import expand
 
 NAMES_3D = ("sigma", "theta_y", "theta_z", "a_re", "a_im", "f_re", "f_im", "psi")
@@ -204,6 +204,7 @@ class _GaborConvNd(nn.Module):
             self.register_parameter(name, nn.Parameter(torch.empty(shape)))
         self.bias = nn.Parameter(torch.empty(self.out_channels)) if bias else None
         self._kernel_cache: tuple | None = None  # (parameter versions, kernel), see `kernel`
+        self.used_impl: str | None = None  # the implementation of the last forward pass
         self.reset_parameters()
 
     @property
@@ -292,8 +293,11 @@ class _GaborConvNd(nn.Module):
                 f"{type(self).__name__} expects input (B, {self.in_channels}, *spatial) with "
                 f"{self.spatial_dims} spatial dims, got shape {tuple(x.shape)}"
             )
-        size = reach(self.kernel_size, max(x.shape[2:]))
-        return same_conv(x, self.kernel(size), self.bias, self.impl)
+        weight = crop_to_reach(self.kernel(reach(self.kernel_size, max(x.shape[2:]))), tuple(x.shape[2:]))
+        impl = resolve_impl(x, weight, self.impl)
+        if not torch.compiler.is_compiling():
+            self.used_impl = impl  # what "auto" picked, for the run's record (medexp.train logs it)
+        return conv_by(impl, x, weight, self.bias)
 
     def extra_repr(self) -> str:
         return (
