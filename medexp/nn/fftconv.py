@@ -136,7 +136,8 @@ def kernel_spectrum(weight: Tensor, sizes: tuple[int, ...]) -> Tensor:
         sizes: FFT size per axis.
 
     Returns:
-        (F, cin, cout, 2) with F = P_0 ... P_{d-2} (P_{d-1} // 2 + 1) frequencies (row-major, as rfftn).
+        (2, F, cin, cout): real and imaginary parts, F = P_0 ... P_{d-2} (P_{d-1} // 2 + 1) frequencies
+        (row-major, as rfftn).
     """
     cout, cin, *ks = weight.shape
     d = len(ks)
@@ -150,53 +151,53 @@ def kernel_spectrum(weight: Tensor, sizes: tuple[int, ...]) -> Tensor:
         spec = spec.reshape(*lead, 2, sizes[j], *rest)  # (*lead, re/im, P_j, *rest)
         if j > 0:
             spec = spec.movedim(j, j - 1)  # (k_0.., re/im, k_{j-1}, P_j, *rest) for the next axis
-    return spec.reshape(2, -1, cin, cout).movedim(0, -1)  # (F, cin, cout, re/im)
+    return spec.reshape(2, -1, cin, cout)  # (re/im, F, cin, cout), a view
 
 
 def _channel_product(x: Tensor, w: Tensor) -> Tensor:
     """Per frequency, the complex product of input spectra and kernel spectra summed over input channels.
 
-    x: (F, T, cin, 2) and w: (F, cin, cout, 2) as real (re, im) pairs; returns (F, T, cout, 2). Both forms
-    are one real batched GEMM per frequency, so autograd never meets a complex matmul (slow conjugate paths
-    on CPU); they differ in which side is rearranged:
-    - rows [x_re; x_im] (F, 2T, cin) times columns [w_re, w_im] (F, cin, 2 cout), then `_Combine` adds the
-      four products into x_re w_re - x_im w_im and x_re w_im + x_im w_re: copies of the input spectrum;
+    x: (F, T, cin, 2) as real (re, im) pairs and w: (2, F, cin, cout) real and imaginary parts; returns
+    (F, T, cout, 2). Both forms are real batched GEMMs per frequency, so autograd never meets a complex
+    matmul (slow conjugate paths on CPU); they differ in which side is rearranged:
+    - rows [x_re; x_im] (F, 2T, cin) times w_re and times w_im (views), then `_Combine` adds the four
+      products into x_re w_re - x_im w_im and x_re w_im + x_im w_re: copies of the input spectrum;
     - the interleaved input (F, T, 2 cin), a free view, times the block [[w_re, w_im], [-w_im, w_re]]
       (F, 2 cin, 2 cout): copies of four times the kernel spectrum.
     The cheaper one by copied volume (measured at levels 0-2 of the 64^3 network): rows when many channel
     pairs meet few tiles (deep levels), the block otherwise.
     """
     freqs, tiles, cin, _ = x.shape
-    cout = w.shape[2]
+    cout = w.shape[-1]
+    w_re, w_im = w.unbind(0)  # (F, cin, cout) each
     if tiles * (cin + cout) < 2 * cin * cout:
         rows = x.permute(0, 3, 1, 2).reshape(freqs, 2 * tiles, cin)  # (F, [re; im] T, cin)
-        prod = torch.bmm(rows, w.reshape(freqs, cin, 2 * cout))  # (F, 2T, 2 cout)
-        return _Combine.apply(prod.view(freqs, 2, tiles, cout, 2))  # (F, T, cout, 2)
-    w_re, w_im = w.unbind(-1)  # (F, cin, cout) each
+        return _Combine.apply(torch.bmm(rows, w_re), torch.bmm(rows, w_im))  # (F, T, cout, 2)
     block = torch.stack([torch.stack([w_re, w_im], -1), torch.stack([-w_im, w_re], -1)], -3)
     out = torch.bmm(x.reshape(freqs, tiles, 2 * cin), block.reshape(freqs, 2 * cin, 2 * cout))
     return out.view(freqs, tiles, cout, 2)
 
 
 class _Combine(torch.autograd.Function):
-    """(F, 2, T, cout, 2) products [x_re; x_im] x [w_re, w_im] -> (F, T, cout, 2) complex (re, im) product,
-    with a backward that writes each gradient slice once (autograd's slice backwards zero-fill and add)."""
+    """a = [x_re; x_im] w_re and b = [x_re; x_im] w_im, each (F, 2T, cout) -> the complex product
+    (F, T, cout, 2) = (x_re w_re - x_im w_im, x_re w_im + x_im w_re), with a backward that writes each
+    gradient half once (autograd's slice backwards zero-fill whole tensors and add)."""
 
     @staticmethod
-    def forward(ctx, prod: Tensor) -> Tensor:
-        real = prod[:, 0, ..., 0] - prod[:, 1, ..., 1]
-        imag = prod[:, 0, ..., 1] + prod[:, 1, ..., 0]
-        return torch.stack([real, imag], -1)
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        tiles = a.shape[1] // 2
+        return torch.stack([a[:, :tiles] - b[:, tiles:], b[:, :tiles] + a[:, tiles:]], -1)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        g_re, g_im = grad[..., 0], grad[..., 1]
-        out = grad.new_empty(grad.shape[0], 2, *grad.shape[1:])  # (F, 2, T, cout, 2)
-        out[:, 0, ..., 0] = g_re
-        torch.neg(g_re, out=out[:, 1, ..., 1])
-        out[:, 0, ..., 1] = g_im
-        out[:, 1, ..., 0] = g_im
-        return out
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        g_re, g_im = grad[..., 0], grad[..., 1]  # (F, T, cout) each
+        tiles = grad.shape[1]
+        grad_a = grad.new_empty(grad.shape[0], 2 * tiles, grad.shape[2])
+        grad_b = torch.empty_like(grad_a)
+        grad_a[:, :tiles], grad_a[:, tiles:] = g_re, g_im
+        grad_b[:, :tiles] = g_im
+        torch.neg(g_re, out=grad_b[:, tiles:])
+        return grad_a, grad_b
 
 
 def _tiles(x: Tensor, axes, halves) -> Tensor:
