@@ -15,12 +15,26 @@ from medexp.nn.gabor import gabor_kernel2d, gabor_kernel3d
 needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler")
 
 
-def _rows(cout: int, cin: int, d: int, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
-    """Random q rows with a positive s, as GaborConv builds them."""
+def _params(cout: int, cin: int, d: int, dtype=torch.float64, seed: int = 0) -> list[torch.Tensor]:
+    """Random eq. 2 parameters (sigma, *angles, a_re, a_im, f_re, f_im, psi) as GaborConv initialises them."""
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(cout, cin, separable.row_length(d), generator=gen, dtype=dtype)
-    q[..., 0] = q[..., 0].abs() * 0.3
-    return q.requires_grad_()
+
+    def uniform(low, high):
+        return (torch.rand(cout, cin, generator=gen, dtype=dtype) * (high - low) + low).requires_grad_()
+
+    sigma = uniform(0.8, 3.5)
+    angles = [uniform(-math.pi, math.pi) for _ in range(d - 1)]
+    amplitudes = [uniform(-1, 1), uniform(-1, 1), uniform(0, 0.3), uniform(0, 0.3)]
+    amplitudes.append(uniform(-math.pi, math.pi))  # psi
+    return [sigma, *angles, *amplitudes]
+
+
+def _weight(params, k, native: bool):
+    sigma, *rest = params
+    angles, amplitudes = tuple(rest[: len(rest) - 5]), rest[len(rest) - 5 :]
+    if native:
+        return separable.gabor_weight(sigma, angles, *amplitudes, k)
+    return separable.expand_torch(separable.rows_torch(sigma, angles, *amplitudes), k)
 
 
 def test_rows_from_eq2_parameters_give_the_formula():
@@ -33,8 +47,10 @@ def test_rows_from_eq2_parameters_give_the_formula():
     q = torch.tensor([[[1 / (2 * sigma**2), *omega, *coef]]], dtype=torch.float64)
     params = [torch.tensor([[v]], dtype=torch.float64) for v in (sigma, ty, tz, a_re, a_im, f_re, f_im, psi)]
     want = gabor_kernel3d(*params, size=5)
-    torch.testing.assert_close(separable.expand(q, 5), want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(separable.expand_torch(q, 5), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(separable.rows_torch(params[0], tuple(params[1:3]), *params[3:]), q)
+    got = separable.gabor_weight(params[0], tuple(params[1:3]), *params[3:], 5)  # C kernels where available
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_2d_rows_give_the_formula():
@@ -45,7 +61,7 @@ def test_2d_rows_give_the_formula():
     q = torch.tensor([[[1 / (2 * sigma**2), *omega, *coef]]], dtype=torch.float64)
     params = [torch.tensor([[v]], dtype=torch.float64) for v in (sigma, theta, a_re, a_im, f_re, f_im, psi)]
     torch.testing.assert_close(
-        separable.expand(q, 7), gabor_kernel2d(*params, size=7), rtol=1e-12, atol=1e-12
+        separable.expand_torch(q, 7), gabor_kernel2d(*params, size=7), rtol=1e-12, atol=1e-12
     )
 
 
@@ -53,42 +69,44 @@ def test_2d_rows_give_the_formula():
 @pytest.mark.parametrize("d", [2, 3])
 @pytest.mark.parametrize("cout,cin", [(3, 1), (2, 16), (4, 37)])  # partial, one full, full + partial blocks
 def test_native_matches_torch_values_and_gradients(d, cout, cin):
-    q = _rows(cout, cin, d)
-    got, want = separable.expand(q, 7), separable.expand_torch(q, 7)
+    params = _params(cout, cin, d)
+    got, want = _weight(params, 7, native=True), _weight(params, 7, native=False)
     assert got.stride(1) == 1  # channels-last weight, what oneDNN reads
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     grad = torch.randn_like(want)
-    (g_got,) = torch.autograd.grad(got, q, grad)
-    (g_want,) = torch.autograd.grad(want, q, grad)
-    torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-10)
+    for g_got, g_want in zip(
+        torch.autograd.grad(got, params, grad), torch.autograd.grad(want, params, grad), strict=True
+    ):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-10)
 
 
 @needs_native
 @pytest.mark.parametrize("d", [2, 3])
 def test_native_gradcheck(d):
-    q = _rows(2, 19, d, seed=3)
-    assert torch.autograd.gradcheck(lambda t: separable.expand(t, 5), (q,))
+    params = _params(2, 19, d, seed=3)
+    assert torch.autograd.gradcheck(lambda *p: _weight(p, 5, native=True), params)
 
 
 @needs_native
-def test_native_float32_and_threads():
-    q64 = _rows(24, 40, 3, seed=4)
-    want = separable.expand_torch(q64, 7)
+def test_native_float32_and_threads(monkeypatch):
+    params = _params(24, 40, 3, seed=4)
+    want = _weight(params, 7, native=False).detach()
+    monkeypatch.setattr(separable, "MIN_PER_THREAD", 64)  # several ranges even for this small layer
     threads = torch.get_num_threads()
     try:
-        for n in (1, 3):  # one range, and ranges that split the 24 * 3 blocks unevenly
+        for n in (1, 3):  # one range, and ranges that split the 24 * 3 blocks and 960 pairs unevenly
             torch.set_num_threads(n)
-            got = separable.expand(q64.detach().float(), 7)
-            torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+            got = _weight([p.detach().float() for p in params], 7, native=True)
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(threads)
 
 
-def test_expand_rejects_bad_shapes():
+def test_bad_shapes_and_sizes_are_rejected():
     with pytest.raises(ValueError, match="cout, cin, 11"):
-        separable.expand(torch.zeros(4, 11), 7)
+        separable.expand_torch(torch.zeros(4, 11), 7)
     with pytest.raises(ValueError, match="odd"):
-        separable.expand(torch.zeros(1, 1, 11), 4)
+        separable.gabor_weight(*[torch.ones(1, 1)] * 2, *[torch.ones(1, 1)] * 5, k=4)
 
 
 def test_no_compiler_falls_back_with_one_warning(tmp_path, monkeypatch):
@@ -101,8 +119,8 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path, monkeypatch):
     try:
         with pytest.warns(UserWarning, match="could not compile .*separable.c.*broken-cc: cannot compile"):
             assert native.library() is None
-        q = _rows(2, 3, 3)
-        torch.testing.assert_close(separable.expand(q, 5), separable.expand_torch(q, 5))
+        params = _params(2, 3, 3)
+        torch.testing.assert_close(_weight(params, 5, native=True), _weight(params, 5, native=False))
     finally:
         native.library.cache_clear()
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medexp.nn.fftconv import IMPLS, conv_by, crop_to_reach, reach, resolve_impl
-from medexp.nn.separable import expand
+from medexp.nn.separable import gabor_weight
 
 NAMES_3D = ("sigma", "theta_y", "theta_z", "a_re", "a_im", "f_re", "f_im", "psi")
 NAMES_2D = ("sigma", "theta", "a_re", "a_im", "f_re", "f_im", "psi")
@@ -131,53 +131,25 @@ def gabor_kernel2d(
 # x' = u . x (u the unit direction), every term of eq. 2 factorises over the axes:
 #     term = Re( [g(z) e^{i w u_z z}] c [g(y) e^{i w u_y y}] [g(x) e^{i w u_x x}] ),  g the 1D Gaussian,
 # so a kernel is the real part of a sum of two rank-1 complex tensors, fixed by 1 + 2 d + 4 numbers per
-# pair (1 / (2 sigma^2), the per-axis frequencies w u_j of both terms, the two c). The layer computes those
-# with autograd; `medexp.nn.separable.expand` builds the taps from them (a C kernel on CPU).
-
-
-def _separable_kernel(sigma, direction, a_re, a_im, f_re, f_im, psi, size: int) -> Tensor:
-    """Eq. 2 from per-axis complex factors, for any number of axes.
-
-    Args:
-        sigma, a_re, a_im, f_re, f_im, psi: (cout, cin) tensors.
-        direction: (cout, cin, d) unit direction u of x' = u . (first axis, ..., last axis).
-        size: odd kernel size k.
-
-    Returns:
-        (cout, cin, k, .., k) kernels, axes in the order of `direction`.
-    """
-    s = 1 / (2 * sigma**2)  # g(r) = exp(-s r^2)
-    omega = (
-        2 * math.pi * direction[..., None] * torch.stack([f_re, f_im], -1)[..., None, :]
-    )  # (cout, cin, d, 2)
-    cos_psi, sin_psi = torch.cos(psi), torch.sin(psi)
-    # c_0 = a_re e^{i psi} (cosine term), c_1 = -i a_im e^{i psi} (sine term), as (re, im) pairs
-    coef = torch.stack(
-        [a_re * cos_psi, a_re * sin_psi, a_im * sin_psi, -a_im * cos_psi], -1
-    )  # (cout, cin, 4)
-    q = torch.cat([s[..., None], omega.flatten(-2), coef], -1)  # (cout, cin, 1 + 2 d + 4)
-    return expand(q, size)  # medexp.nn.separable
+# pair. `medexp.nn.separable.gabor_weight` computes those numbers and multiplies the factors out (C kernels
+# on CPU, PyTorch operations elsewhere).
 
 
 def gabor_kernel3d_fused(sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi, size: int) -> Tensor:
     """`gabor_kernel3d` (eq. 2) by separable factors: same arguments, same (cout, cin, k, k, k) result.
 
     About 10x fewer transcendental and elementwise operations than the direct formula; the k^3 values are
-    written once (`medexp.nn.separable.expand`).
+    written once (`medexp.nn.separable.gabor_weight`).
     """
-    names = (sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi)
-    _check_pair_params(dict(zip(NAMES_3D, names, strict=True)))
-    cos_y = torch.cos(theta_y)
-    # x' = sin(ty) z - cos(ty) sin(tz) y + cos(ty) cos(tz) x: the direction along (D, H, W)
-    direction = torch.stack([torch.sin(theta_y), -cos_y * torch.sin(theta_z), cos_y * torch.cos(theta_z)], -1)
-    return _separable_kernel(sigma, direction, a_re, a_im, f_re, f_im, psi, size)  # (cout, cin, D, H, W)
+    params = (sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi)
+    _check_pair_params(dict(zip(NAMES_3D, params, strict=True)))
+    return gabor_weight(sigma, (theta_y, theta_z), a_re, a_im, f_re, f_im, psi, size)  # (cout, cin, D, H, W)
 
 
 def gabor_kernel2d_fused(sigma, theta, a_re, a_im, f_re, f_im, psi, size: int) -> Tensor:
     """`gabor_kernel2d` by separable factors (see `gabor_kernel3d_fused`): (cout, cin, k, k)."""
     _check_pair_params(dict(zip(NAMES_2D, (sigma, theta, a_re, a_im, f_re, f_im, psi), strict=True)))
-    direction = torch.stack([torch.sin(theta), torch.cos(theta)], -1)  # x' along (H, W)
-    return _separable_kernel(sigma, direction, a_re, a_im, f_re, f_im, psi, size)  # (cout, cin, H, W)
+    return gabor_weight(sigma, (theta,), a_re, a_im, f_re, f_im, psi, size)  # (cout, cin, H, W)
 
 
 class _GaborConvNd(nn.Module):

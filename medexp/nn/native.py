@@ -26,9 +26,14 @@ from pathlib import Path
 
 SOURCES = Path(__file__).resolve().parent / "csrc"
 # -fopenmp-simd honours the `#pragma omp simd` loops without linking an OpenMP runtime (torch has its own).
-FLAG_SETS = (
-    ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC"],
-    ["-O3", "-fopenmp-simd", "-shared", "-fPIC"],  # compilers without -march=native
+SHARED = ["-shared", "-fPIC"]
+NO_SINCOS = [f"-fno-builtin-{f}" for f in ("sin", "cos", "sinf", "cosf")]  # see csrc/separable.c
+# The first set that compiles wins: vector math from glibc's libmvec (-DSEP_MVEC -lmvec), then without it
+# (other C libraries), then without -march=native (other compilers).
+FLAG_SETS = (  # (compiler flags, libraries: after the source, for linkers that drop unused ones)
+    (["-O3", "-march=native", "-fopenmp-simd", *SHARED, "-DSEP_MVEC", *NO_SINCOS], ["-lmvec", "-lm"]),
+    (["-O3", "-march=native", "-fopenmp-simd", *SHARED], ["-lm"]),
+    (["-O3", "-fopenmp-simd", *SHARED], ["-lm"]),
 )
 
 
@@ -52,9 +57,9 @@ def _build(name: str, compiler: str) -> Path | None:
     source = SOURCES / f"{name}.c"
     texts = b"".join(p.read_bytes() for p in sorted(SOURCES.iterdir()) if p.suffix in (".c", ".h"))
     errors = []
-    for flags in FLAG_SETS:
+    for flags, libs in FLAG_SETS:
         key = hashlib.sha256(
-            texts + " ".join([compiler, *flags, _cpu_model(), platform.machine()]).encode()
+            texts + " ".join([compiler, *flags, *libs, _cpu_model(), platform.machine()]).encode()
         ).hexdigest()[:16]
         target = cache_dir() / key / f"lib{name}.so"
         if target.exists():
@@ -62,7 +67,7 @@ def _build(name: str, compiler: str) -> Path | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        cmd = [compiler, *flags, f"-I{SOURCES}", str(source), "-o", tmp, "-lm"]
+        cmd = [compiler, *flags, f"-I{SOURCES}", str(source), "-o", tmp, *libs]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode == 0:
             os.replace(tmp, target)

@@ -1,4 +1,4 @@
-"""Separable generation of Gabor kernels: from a few numbers per channel pair to its k^d taps (eq. 2).
+"""Separable generation of Gabor kernels: from eq. 2's parameters per channel pair to its k^d taps.
 
 medexp.nn.gabor writes every kernel of Wong & Moradi's eq. 2 as the real part of two rank-1 complex tensors
 (terms t = cosine, sine), per channel pair (o, i):
@@ -7,20 +7,24 @@ medexp.nn.gabor writes every kernel of Wong & Moradi's eq. 2 as the real part of
     phi_j[a, t] = exp(-s r_a^2) e^{i w_jt r_a}
 
 with r_a = a - k // 2 the tap offsets, s = 1 / (2 sigma^2), w_jt = 2 pi u_j f_t (u the direction of x') and
-c_t the complex amplitude of term t (2D drops the middle axis). `expand(q, k)` takes, per pair, the row
+c_t the complex amplitude of term t (2D drops the middle axis). `rows_torch` computes, per pair, the row
 
     q[o, i] = (s, w_00, w_01, ..., w_(d-1)0, w_(d-1)1, Re c_0, Im c_0, Re c_1, Im c_1)   (1 + 2 d + 4 numbers)
 
-and returns W. This is where generation spends its time (k^d taps from 11 numbers, forward and backward), so
-on CPU it runs the hand-written C kernel of csrc/separable_impl.h: one pass over the taps each way, 16 pairs
-at a time in vector registers, ranges of pairs on `torch.get_num_threads()` threads, writing the weight in
-the channels-last layout that oneDNN's convolution reads (and its weight gradient arrives in). Elsewhere
-(CUDA, Dynamo tracing, no C compiler) it runs `expand_torch`, the same sum in PyTorch operations.
+from the parameters and `expand_torch` multiplies it out; `gabor_weight` is the two together. Generation is
+k^d taps from 8 numbers per pair, forward and backward, for up to 37k pairs per layer, and as ~80 small
+PyTorch operations it cost more than the convolution it feeds on small volumes; so on CPU `gabor_weight`
+runs the hand-written C kernels of csrc/ instead (rows_impl.h: the parameters to q, vectorised over pairs;
+separable_impl.h: q to the taps, 16 pairs at a time in vector registers, one pass over the taps each way,
+ranges of pairs on `torch.get_num_threads()` threads), writing the weight in the channels-last layout that
+oneDNN's convolution reads and its weight gradient arrives in. Elsewhere (CUDA, Dynamo tracing, no C
+compiler) it runs the PyTorch operations.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,7 +34,6 @@ from torch import Tensor
 from medexp.nn import native
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
-MIN_BLOCKS_PER_THREAD = 512  # fewer per thread: one call on this thread (a wake-up costs more)
 
 
 def row_length(d: int) -> int:
@@ -45,6 +48,29 @@ def _dims(q: Tensor) -> int:
             f"expand: q must be (cout, cin, 9) in 2D or (cout, cin, 11) in 3D, got {tuple(q.shape)}"
         )
     return d
+
+
+def direction(angles: tuple[Tensor, ...]) -> Tensor:
+    """The unit direction u of x' along the weight's spatial axes, (cout, cin, d) (DESIGN 5):
+    3D (theta_y, theta_z): x' = sin(ty) z - cos(ty) sin(tz) y + cos(ty) cos(tz) x, axes (D, H, W);
+    2D (theta,): x' = x cos(theta) + y sin(theta), axes (H, W)."""
+    if len(angles) == 2:
+        theta_y, theta_z = angles
+        cos_y = torch.cos(theta_y)
+        return torch.stack([torch.sin(theta_y), -cos_y * torch.sin(theta_z), cos_y * torch.cos(theta_z)], -1)
+    (theta,) = angles
+    return torch.stack([torch.sin(theta), torch.cos(theta)], -1)
+
+
+def rows_torch(sigma, angles: tuple[Tensor, ...], a_re, a_im, f_re, f_im, psi) -> Tensor:
+    """q (cout, cin, 1 + 2d + 4) from eq. 2's (cout, cin) parameters (sigma > 0; angles as `direction`)."""
+    s = 1 / (2 * sigma**2)  # g(r) = exp(-s r^2)
+    frequencies = torch.stack([f_re, f_im], -1)[..., None, :]  # (cout, cin, 1, 2)
+    omega = 2 * math.pi * direction(angles)[..., None] * frequencies  # (cout, cin, d, 2)
+    cos_psi, sin_psi = torch.cos(psi), torch.sin(psi)
+    # c_0 = a_re e^{i psi} (cosine term), c_1 = -i a_im e^{i psi} (sine term), as (re, im) pairs
+    coef = torch.stack([a_re * cos_psi, a_re * sin_psi, a_im * sin_psi, -a_im * cos_psi], -1)  # (.., 4)
+    return torch.cat([s[..., None], omega.flatten(-2), coef], -1)
 
 
 def expand_torch(q: Tensor, k: int) -> Tensor:
@@ -70,6 +96,7 @@ def expand_torch(q: Tensor, k: int) -> Tensor:
 
 
 BLOCK = 16  # BW of csrc/separable.c: pairs (consecutive input channels) per block
+MIN_PER_THREAD = 100000  # pairs; fewer per thread: one call on this thread (a wake-up costs more)
 _POOL: ThreadPoolExecutor | None = None
 
 
@@ -81,14 +108,14 @@ def _forget_pool() -> None:
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _run_chunked(fn, blocks: int, *args) -> None:
-    """fn(*args, b0, b1) over blocks [0, blocks), one range per thread (ctypes drops the GIL); fn returns
-    nonzero when it could not allocate its work arrays, raised here as MemoryError."""
+def _run_chunked(fn, units: int, per_unit: int, *args) -> None:
+    """fn(*args, u0, u1) over units [0, units) (pairs, or blocks of `per_unit` pairs), one range per thread
+    (ctypes drops the GIL); fn returns nonzero when it could not allocate its work arrays (MemoryError)."""
     global _POOL
-    threads = max(1, min(torch.get_num_threads(), blocks // MIN_BLOCKS_PER_THREAD))
-    bounds = [blocks * i // threads for i in range(threads + 1)]
+    threads = max(1, min(torch.get_num_threads(), units * per_unit // MIN_PER_THREAD))
+    bounds = [units * i // threads for i in range(threads + 1)]
     ranges = zip(bounds, bounds[1:], strict=False)
-    calls = [(*args, ctypes.c_long(b0), ctypes.c_long(b1)) for b0, b1 in ranges]
+    calls = [(*args, ctypes.c_long(u0), ctypes.c_long(u1)) for u0, u1 in ranges]
     if threads == 1:
         failed = fn(*calls[0])
     else:
@@ -101,67 +128,70 @@ def _run_chunked(fn, blocks: int, *args) -> None:
         raise MemoryError(f"medexp: {fn.__name__} could not allocate its work arrays")
 
 
-def _exponentials(q: Tensor, d: int) -> Tensor:
-    """(..., 1 + 4d): exp(-s) and (cos w, sin w) of every frequency in q, the values the C kernel raises to
-    powers (PyTorch's vectorised transcendental functions, so the kernel itself needs only products)."""
-    head = q[..., : 1 + 2 * d].contiguous()  # s and the frequencies, contiguous: vectorised cos and sin
-    omega = head[..., 1:]  # (..., 2d)
-    return torch.cat([torch.exp(-head[..., :1]), torch.stack([omega.cos(), omega.sin()], -1).flatten(-2)], -1)
-
-
 def _pointer(t: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
-class _NativeExpand(torch.autograd.Function):
-    """`expand_torch` by the C kernel: forward writes the taps, backward reduces their gradient onto q."""
+class _NativeGabor(torch.autograd.Function):
+    """`expand_torch(rows_torch(...))` by the C kernels: parameters -> q, e -> taps, and back."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: int) -> Tensor:
-        lib, suffix, d = native.library(), _SUFFIX[q.dtype], _dims(q)
-        cout, cin = q.shape[:2]
-        q = q.contiguous()
-        e = _exponentials(q, d)
-        out = q.new_empty(cout, *[k] * d, cin)  # channels-last memory of the (cout, cin, k..k) weight
-        blocks = cout * -(-cin // BLOCK)
-        args = (_pointer(q), _pointer(e), _pointer(out), ctypes.c_long(cin), d, k)
-        _run_chunked(getattr(lib, f"gabor_expand_{suffix}"), blocks, *args)
-        ctx.save_for_backward(q, e)
-        ctx.k = k
+    def forward(ctx, k: int, sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi) -> Tensor:
+        lib, suffix = native.library(), _SUFFIX[sigma.dtype]
+        d = 3 if theta_z is not None else 2
+        params = [t.contiguous() for t in (sigma, theta_y, theta_z if d == 3 else theta_y)]
+        params += [t.contiguous() for t in (a_re, a_im, f_re, f_im, psi)]
+        (cout, cin), pairs = sigma.shape, sigma.numel()
+        q = sigma.new_empty(row_length(d), pairs)  # one row per number, see csrc/rows_impl.h
+        e = sigma.new_empty(1 + 4 * d, pairs)  # exp(-s), cos and sin of every frequency
+        pointers = [_pointer(t) for t in params]
+        size = ctypes.c_long(pairs)
+        rows = getattr(lib, f"gabor_rows_{suffix}")
+        _run_chunked(rows, pairs, 1, *pointers, _pointer(q), _pointer(e), size, d)
+        out = sigma.new_empty(cout, *[k] * d, cin)  # channels-last memory of the (cout, cin, k..k) weight
+        args = (_pointer(q), _pointer(e), _pointer(out), size, ctypes.c_long(cin), d, k)
+        _run_chunked(getattr(lib, f"gabor_expand_{suffix}"), cout * -(-cin // BLOCK), BLOCK, *args)
+        ctx.save_for_backward(*params, q, e)
+        ctx.k, ctx.d = k, d
         return out.movedim(-1, 1)  # (cout, cin, k, .., k), channels-last strides
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        q, e = ctx.saved_tensors
-        lib, suffix, d = native.library(), _SUFFIX[q.dtype], _dims(q)
-        cout, cin = q.shape[:2]
+        *params, q, e = ctx.saved_tensors
+        lib, suffix, d, k = native.library(), _SUFFIX[q.dtype], ctx.d, ctx.k
+        (cout, cin), pairs = params[0].shape, params[0].numel()
         grad = grad.movedim(1, -1).contiguous()  # (cout, k.., cin): no copy when it is channels-last
         dq = torch.empty_like(q)
-        blocks = cout * -(-cin // BLOCK)
-        args = (_pointer(q), _pointer(e), _pointer(grad), _pointer(dq), ctypes.c_long(cin), d, ctx.k)
-        _run_chunked(getattr(lib, f"gabor_expand_backward_{suffix}"), blocks, *args)
-        return dq, None
+        size = ctypes.c_long(pairs)
+        args = (_pointer(q), _pointer(e), _pointer(grad), _pointer(dq), size, ctypes.c_long(cin), d, k)
+        _run_chunked(getattr(lib, f"gabor_expand_backward_{suffix}"), cout * -(-cin // BLOCK), BLOCK, *args)
+        grads = [torch.empty_like(t) for t in params]  # sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi
+        pointers = [_pointer(t) for t in params] + [_pointer(dq)] + [_pointer(t) for t in grads]
+        _run_chunked(getattr(lib, f"gabor_rows_backward_{suffix}"), pairs, 1, *pointers, size, d)
+        return None, grads[0], grads[1], grads[2] if d == 3 else None, *grads[3:]
 
 
-def native_available(q: Tensor) -> bool:
-    """Whether `expand` runs the C kernel for q."""
+def native_available(t: Tensor) -> bool:
+    """Whether `gabor_weight` runs the C kernels for parameters like t."""
     return (
-        q.device.type == "cpu"
-        and q.dtype in _SUFFIX
+        t.device.type == "cpu"
+        and t.dtype in _SUFFIX
         and not torch.compiler.is_compiling()
         and native.library() is not None
     )
 
 
-def expand(q: Tensor, k: int) -> Tensor:
-    """The (cout, cin, k, .., k) weight of eq. 2 from the (cout, cin, 1 + 2d + 4) rows q (module docstring).
+def gabor_weight(sigma, angles: tuple[Tensor, ...], a_re, a_im, f_re, f_im, psi, k: int) -> Tensor:
+    """The (cout, cin, k, .., k) weight of eq. 2 from (cout, cin) parameters (sigma > 0, angles as in
+    `direction`).
 
-    Differentiable in q; the C kernel on CPU (channels-last result), `expand_torch` otherwise (contiguous);
-    the same values up to float rounding.
+    Differentiable in all of them; the C kernels on CPU (channels-last result), PyTorch operations otherwise
+    (contiguous); the same values up to float rounding.
     """
-    _dims(q)
     if k < 1 or k % 2 == 0:
-        raise ValueError(f"expand: kernel size must be a positive odd integer, got {k}")
-    if native_available(q):
-        return _NativeExpand.apply(q, k)
-    return expand_torch(q, k)
+        raise ValueError(f"Gabor kernel size must be a positive odd integer, got {k}")
+    amplitudes = (a_re, a_im, f_re, f_im, psi)
+    if native_available(sigma):
+        theta_z = angles[1] if len(angles) == 2 else None
+        return _NativeGabor.apply(k, sigma, angles[0], theta_z, *amplitudes)
+    return expand_torch(rows_torch(sigma, angles, *amplitudes), k)

@@ -14,9 +14,10 @@
  *
  * Pairs are processed in blocks of BW pairs with the same o and consecutive i, every step vectorised across
  * the block (loops over the lane l < BW), which is also the order of the taps in memory:
- *   q    (cout cin, 1 + 2 d + 4) rows: s, w_00, w_01, .., w_(d-1)1, Re c_0, Im c_0, Re c_1, Im c_1.
- *   e    (cout cin, 1 + 4 d) rows: exp(-s), cos w_00, sin w_00, .., sin w_(d-1)1, computed by the caller
- *        (vectorised), so the kernel itself needs only products.
+ *   q    (1 + 2 d + 4, cout cin), one row per number: s, w_00, w_01, .., w_(d-1)1, Re c_0, Im c_0, Re c_1,
+ *        Im c_1 (rows_impl.h computes q and e from eq. 2's parameters).
+ *   e    (1 + 4 d, cout cin): exp(-s), cos w_00, sin w_00, .., sin w_(d-1)1, so the kernel itself needs only
+ *        products.
  *   out  (cout, k^d, cin): the channels-last layout of the (cout, cin, k, .., k) weight, taps row-major
  *        (3D: axes D, H, W = z, y, x; 2D has no middle axis, phi_1 = 1); grad in the same layout.
  * Expects REAL (float or double), FN(name) and BW defined by the including file.
@@ -55,10 +56,10 @@ static REAL *WORKSPACE(FN(work) * w, int d, int k) {
     return base;
 }
 
-/* dst[c * BW + l] = src[(p0 + l) * cols + c] for l < n; lanes past n repeat the last row (finite values). */
-static void LOAD(const REAL *src, long cols, long p0, int n, REAL *dst) {
+/* dst[c * BW + l] = src[c * pairs + p0 + l] for l < n; lanes past n repeat the last pair (finite values). */
+static void LOAD(const REAL *src, long cols, long pairs, long p0, int n, REAL *dst) {
     for (long c = 0; c < cols; c++)
-        for (int l = 0; l < BW; l++) dst[c * BW + l] = src[(p0 + (l < n ? l : n - 1)) * cols + c];
+        for (int l = 0; l < BW; l++) dst[c * BW + l] = src[c * pairs + p0 + (l < n ? l : n - 1)];
 }
 
 /* phi from es, and fac = phi with the last axis multiplied by c_t. Only products: g(r) = exp(-s)^(r^2) by
@@ -116,7 +117,8 @@ static void PLANE(const REAL *fac, int d, int k, REAL *yr, REAL *yi) {
 
 /* Forward: the taps of blocks b0 <= block < b1 (block = o * ceil(cin / BW) + i / BW) into out; 0, or 1 when
  * out of memory. */
-int FN(gabor_expand)(const REAL *q, const REAL *e, REAL *out, long cin, int d, int k, long b0, long b1) {
+int FN(gabor_expand)(const REAL *q, const REAL *e, REAL *out, long pairs, long cin, int d, int k, long b0,
+                     long b1) {
     const int plane = (d == 3 ? k : 1) * k, taps = k * plane, nq = 1 + 2 * d + 4, ne = 1 + 4 * d;
     const long blocks_per_o = (cin + BW - 1) / BW;
     FN(work) w;
@@ -126,8 +128,8 @@ int FN(gabor_expand)(const REAL *q, const REAL *e, REAL *out, long cin, int d, i
     for (long block = b0; block < b1; block++) {
         const long o = block / blocks_per_o, i0 = (block % blocks_per_o) * BW, p0 = o * cin + i0;
         const int n = cin - i0 < BW ? (int)(cin - i0) : BW;
-        LOAD(q, nq, p0, n, w.qs);
-        LOAD(e, ne, p0, n, w.es);
+        LOAD(q, nq, pairs, p0, n, w.qs);
+        LOAD(e, ne, pairs, p0, n, w.es);
         FACTORS(w.qs, w.es, w.phi, w.fac, d, k);
         PLANE(w.fac, d, k, w.yr, w.yi);
         /* a full block writes straight into out (stride cin between taps), a partial one into the tile */
@@ -162,8 +164,8 @@ int FN(gabor_expand)(const REAL *q, const REAL *e, REAL *out, long cin, int d, i
  *      dL/dphi = dF conj(c) and dL/dc_t = sum_a dF[a, t] conj(phi[a, t]) on the last axis;
  * 3. onto s and w with dphi/ds = -r^2 phi, dphi/dw = i r phi:
  *      dL/ds = -sum r_a^2 Re(dphi conj(phi)),  dL/dw_jt = sum_a r_a Im(dphi conj(phi)). */
-int FN(gabor_expand_backward)(const REAL *q, const REAL *e, const REAL *grad, REAL *dq, long cin, int d, int k,
-                              long b0, long b1) {
+int FN(gabor_expand_backward)(const REAL *q, const REAL *e, const REAL *grad, REAL *dq, long pairs, long cin,
+                              int d, int k, long b0, long b1) {
     const int plane = (d == 3 ? k : 1) * k, taps = k * plane, nq = 1 + 2 * d + 4, ne = 1 + 4 * d, h = k / 2;
     const long blocks_per_o = (cin + BW - 1) / BW;
     FN(work) w;
@@ -173,8 +175,8 @@ int FN(gabor_expand_backward)(const REAL *q, const REAL *e, const REAL *grad, RE
     for (long block = b0; block < b1; block++) {
         const long o = block / blocks_per_o, i0 = (block % blocks_per_o) * BW, p0 = o * cin + i0;
         const int n = cin - i0 < BW ? (int)(cin - i0) : BW;
-        LOAD(q, nq, p0, n, w.qs);
-        LOAD(e, ne, p0, n, w.es);
+        LOAD(q, nq, pairs, p0, n, w.qs);
+        LOAD(e, ne, pairs, p0, n, w.es);
         FACTORS(w.qs, w.es, w.phi, w.fac, d, k);
         PLANE(w.fac, d, k, w.yr, w.yi);
         const REAL *src = grad + o * taps * cin + i0;
@@ -264,7 +266,7 @@ int FN(gabor_expand_backward)(const REAL *q, const REAL *e, const REAL *grad, RE
             }
         }
         for (int l = 0; l < n; l++)
-            for (int c = 0; c < nq; c++) dq[(p0 + l) * nq + c] = w.dqs[c * BW + l];
+            for (int c = 0; c < nq; c++) dq[c * pairs + p0 + l] = w.dqs[c * BW + l];
     }
     FLUSH_DENORMALS_END
     free(base);
