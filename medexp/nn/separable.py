@@ -96,7 +96,7 @@ def expand_torch(q: Tensor, k: int) -> Tensor:
 
 
 BLOCK = 16  # BW of csrc/separable.c: pairs (consecutive input channels) per block
-MIN_PER_THREAD = 100000  # pairs; fewer per thread: one call on this thread (a wake-up costs more)
+MIN_PER_THREAD = 8192  # pairs; fewer per thread: one call on this thread (a wake-up costs more)
 _POOL: ThreadPoolExecutor | None = None
 
 
