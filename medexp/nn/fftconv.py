@@ -419,9 +419,10 @@ def choose_impl(x: Tensor, weight: Tensor) -> str:
     """The fastest implementation for this (shape, channels, kernel, device, format, grad mode).
 
     Timed once per key on random tensors of the same layout and remembered in a module-level dict: each
-    candidate runs once as warm-up (forward, plus backward when grad is on) and is dropped when more than
-    2x slower than direct; the rest run twice more, alternating, and the best time wins, direct unless
-    beaten by MARGIN. Kernels of <= 27 taps always run direct; gemm is only tried for small volumes.
+    candidate runs once untimed as warm-up (its first run pays for plans and fresh memory, which once made
+    the FFT look 2x slower than it is at 128^3), then once timed (forward, plus backward when grad is on);
+    those within 2x of direct run once more and the best time wins, direct unless beaten by MARGIN.
+    Kernels of <= 27 taps always run direct; gemm is only tried for small volumes.
     """
     key = auto_key(x, weight)
     if key not in _AUTO_CHOICE:
@@ -459,11 +460,11 @@ def _measure(x: Tensor, weight: Tensor, grad: bool, candidates: list[str]) -> st
         sync()
         return time.perf_counter() - start
 
-    first = {name: run(name) for name in candidates}  # also the warm-up (FFT plans, oneDNN primitives)
-    alive = [name for name in candidates if first[name] <= 2.0 * first["direct"]]
-    best = {name: math.inf for name in alive}
-    for _ in range(2):
-        for name in alive:
-            best[name] = min(best[name], run(name))
+    for name in candidates:  # warm-up: FFT plans, oneDNN primitives, first touch of large temporaries
+        run(name)
+    best = {name: run(name) for name in candidates}
+    alive = [name for name in candidates if best[name] <= 2.0 * best["direct"]]
+    for name in alive:
+        best[name] = min(best[name], run(name))
     fastest = min(best, key=best.get)
     return fastest if best[fastest] < MARGIN * best["direct"] else "direct"
