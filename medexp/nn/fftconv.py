@@ -419,8 +419,8 @@ def choose_impl(x: Tensor, weight: Tensor) -> str:
     """The fastest implementation for this (shape, channels, kernel, device, format, grad mode).
 
     Timed once per key on random tensors of the same layout and remembered in a module-level dict: each
-    candidate runs once untimed as warm-up (its first run pays for plans and fresh memory, which once made
-    the FFT look 2x slower than it is at 128^3), then once timed (forward, plus backward when grad is on);
+    candidate runs once untimed as warm-up (a first run pays for plans and for first touches of fresh
+    memory, gigabytes for the FFT at 128^3), then once timed (forward, plus backward when grad is on);
     those within 2x of direct run once more and the best time wins, direct unless beaten by MARGIN.
     Kernels of <= 27 taps always run direct; gemm is only tried for small volumes.
     """
