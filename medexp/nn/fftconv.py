@@ -16,8 +16,8 @@ Implementation:
   that fits one FFT of length >= n + k // 2 is a single tile (its zero padding absorbs the circular
   wrap-around). Small tiles keep the per-frequency weights small and give the channel product a batch of
   tiles, so it is one batched GEMM.
-- Complex products are one real GEMM per frequency, rows [xr; xi] times columns [wr, wi], and two adds
-  (see `_channel_product`), so autograd never meets complex matmuls (slow conjugate paths on CPU).
+- Complex products are real GEMMs per frequency, in one of two arrangements (see `_channel_product`), so
+  autograd never meets complex matmuls (slow conjugate paths on CPU).
 - The kernel spectrum is a pruned DFT: the k taps are transformed axis by axis with (P x k) DFT matrices,
   cheaper than an FFT of the zero-padded kernel when k << P.
 - Autograd runs through torch.fft and the GEMMs, except two hand-written backwards that avoid slow generic
@@ -201,7 +201,7 @@ class _Combine(torch.autograd.Function):
 
 
 def _tiles(x: Tensor, axes, halves) -> Tensor:
-    """Overlapping tiles of the zero-padded input: (B, cin, *S) -> (P_0.., nt_0.., B, cin)."""
+    """Overlapping tiles of the zero-padded input: (B, cin, *S) -> (nt_0.., B, cin, P_0..)."""
     d = len(axes)
     t = x.permute(*range(2, 2 + d), 0, 1)  # (*S, B, cin)
     pad = []
@@ -212,22 +212,23 @@ def _tiles(x: Tensor, axes, halves) -> Tensor:
 
 
 class _Tiles(torch.autograd.Function):
-    """Overlap-save tiles as one strided copy; backward overlap-adds the tile gradients axis by axis
-    (one copy and one add per axis, instead of autograd's zero-filled slice gradients)."""
+    """Overlap-save tiles as one strided copy, tile axes last (the FFT runs over trailing axes, measured
+    2x faster than over leading ones for this forward transform); backward overlap-adds the tile gradients
+    axis by axis (one copy and one add per axis, instead of autograd's zero-filled slice gradients)."""
 
     @staticmethod
     def forward(ctx, padded: Tensor, axes) -> Tensor:
         ctx.axes = axes
         d = len(axes)
         steps = padded.stride()[:d]
-        size = [p for p, _, _ in axes] + [c for _, _, c in axes] + list(padded.shape[d:])
-        stride = [*steps, *[v * s for (_, v, _), s in zip(axes, steps, strict=True)], *padded.stride()[d:]]
-        return padded.as_strided(size, stride).contiguous()  # (P_0.., nt_0.., B, cin)
+        size = [c for _, _, c in axes] + list(padded.shape[d:]) + [p for p, _, _ in axes]
+        stride = [*[v * s for (_, v, _), s in zip(axes, steps, strict=True)], *padded.stride()[d:], *steps]
+        return padded.as_strided(size, stride).contiguous()  # (nt_0.., B, cin, P_0..)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         d = len(ctx.axes)
-        names = [f"P{j}" for j in range(d)] + [f"n{j}" for j in range(d)] + ["B", "C"]
+        names = [f"n{j}" for j in range(d)] + ["B", "C"] + [f"P{j}" for j in range(d)]
         for j, (size, valid, count) in enumerate(ctx.axes):
             grad = grad.movedim((names.index(f"n{j}"), names.index(f"P{j}")), (0, 1))  # (nt_j, P_j, ...)
             names = [f"L{j}"] + [n for n in names if n not in (f"n{j}", f"P{j}")]
@@ -260,7 +261,8 @@ def _untile(y: Tensor, axes, spatial) -> Tensor:
 
 
 class _RealFFT(torch.autograd.Function):
-    """rfftn over the leading d dims, with a c2r backward (torch's own backward runs a full-size c2c).
+    """rfftn over the trailing d dims, (rest.., P_0..) -> (P_0.., nx, rest..) with the frequencies leading
+    (what the per-frequency GEMM reads), and a c2r backward (torch's own backward runs a full-size c2c).
 
     For X = rfftn(x) and a loss gradient g w.r.t. X, dL/dx[n] = Re(sum over the half spectrum of
     g[f] e^{+2 pi i f.n / N}); an unnormalised irfftn counts every interior bin of the halved axis twice
@@ -269,16 +271,17 @@ class _RealFFT(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, d: int) -> Tensor:
-        ctx.sizes = tuple(x.shape[:d])
-        return torch.fft.rfftn(x, dim=tuple(range(d)))
+        ctx.sizes = tuple(x.shape[-d:])
+        spectrum = torch.fft.rfftn(x, dim=tuple(range(-d, 0)))  # (rest.., P_0.., nx)
+        return spectrum.movedim(tuple(range(-d, 0)), tuple(range(d))).contiguous()  # (P_0.., nx, rest..)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         d, n = len(ctx.sizes), ctx.sizes[-1]
         weight = torch.ones(n // 2 + 1, device=grad.device, dtype=grad.real.dtype)
         weight[1 : (n + 1) // 2] = 0.5  # interior bins; DC and (even n) Nyquist count once
-        grad = grad * weight.view(-1, *[1] * (grad.dim() - d))
-        return torch.fft.irfftn(grad, s=ctx.sizes, dim=tuple(range(d)), norm="forward"), None
+        grad = (grad * weight.view(-1, *[1] * (grad.dim() - d))).movedim(tuple(range(d)), tuple(range(-d, 0)))
+        return torch.fft.irfftn(grad, s=ctx.sizes, dim=tuple(range(-d, 0)), norm="forward"), None
 
 
 def fft_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, tile: int | None = None) -> Tensor:
@@ -303,12 +306,12 @@ def fft_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, tile: int | 
     cout, ks = weight.shape[0], tuple(weight.shape[2:])
     axes = plan_tiles(tuple(spatial), ks, cin, cout, batch, tile)
     sizes = tuple(p for p, _, _ in axes)
-    tiles = _tiles(x, axes, [k // 2 for k in ks])  # (P_0.., nt_0.., B, cin)
+    tiles = _tiles(x, axes, [k // 2 for k in ks])  # (nt_0.., B, cin, P_0..)
     spectrum = _RealFFT.apply(tiles, d)  # (P_0.., nx, nt_0.., B, cin)
     freqs, count = spectrum.shape[:d], math.prod(spectrum.shape[d:-1])
     spectrum = torch.view_as_real(spectrum).reshape(math.prod(freqs), count, cin, 2)  # (F, tiles B, cin, 2)
     out = _channel_product(spectrum, kernel_spectrum(weight, sizes))  # (F, tiles B, cout, 2)
-    out = out.reshape(*freqs, *tiles.shape[d:-1], cout, 2)  # (P_0.., nx, nt_0.., B, cout, re/im)
+    out = out.reshape(*freqs, *tiles.shape[: d + 1], cout, 2)  # (P_0.., nx, nt_0.., B, cout, re/im)
     out = torch.fft.irfftn(
         torch.view_as_complex(out), s=sizes, dim=tuple(range(d))
     )  # (P_0.., nt_0.., B, cout)
