@@ -45,7 +45,7 @@ def _dims(q: Tensor) -> int:
     d = (q.shape[-1] - 5) // 2
     if q.dim() != 3 or d not in (2, 3) or q.shape[-1] != row_length(d):
         raise ValueError(
-            f"expand: q must be (cout, cin, 9) in 2D or (cout, cin, 11) in 3D, got {tuple(q.shape)}"
+            f"expand_torch: q must be (cout, cin, 9) in 2D or (cout, cin, 11) in 3D, got {tuple(q.shape)}"
         )
     return d
 
