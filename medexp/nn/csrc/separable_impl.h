@@ -27,6 +27,7 @@
 #define LOAD FN(load_rows)
 #define FACTORS FN(factors)
 #define PLANE FN(plane)
+#define PREPARE FN(prepare_block)
 /* offsets into the block's arrays: factor (axis j, tap a, term t, re/im ri) and plane entry (term t, m) */
 #define FAC(j, a, t, ri) (((((j) * k + (a)) * 2 + (t)) * 2 + (ri)) * BW)
 #define PL(t, m) (((t) * plane + (m)) * BW)
@@ -115,23 +116,33 @@ static void PLANE(const REAL *fac, int d, int k, REAL *yr, REAL *yi) {
             }
 }
 
+/* A block's pairs: output channel o, first input channel i0, first pair p0 = o cin + i0 and the number n of
+ * its lanes that are pairs (BW but in the last block of a row); loads their q and e and builds their
+ * factors and plane into w. Returns n. */
+static int PREPARE(const REAL *q, const REAL *e, long pairs, long cin, int d, int k, long block, FN(work) * w,
+                   long *o, long *i0, long *p0) {
+    const long blocks_per_o = (cin + BW - 1) / BW;
+    *o = block / blocks_per_o, *i0 = (block % blocks_per_o) * BW, *p0 = *o * cin + *i0;
+    const int n = cin - *i0 < BW ? (int)(cin - *i0) : BW;
+    LOAD(q, 1 + 2 * d + 4, pairs, *p0, n, w->qs);
+    LOAD(e, 1 + 4 * d, pairs, *p0, n, w->es);
+    FACTORS(w->qs, w->es, w->phi, w->fac, d, k);
+    PLANE(w->fac, d, k, w->yr, w->yi);
+    return n;
+}
+
 /* Forward: the taps of blocks b0 <= block < b1 (block = o * ceil(cin / BW) + i / BW) into out; 0, or 1 when
  * out of memory. */
 int FN(gabor_expand)(const REAL *q, const REAL *e, REAL *out, long pairs, long cin, int d, int k, long b0,
                      long b1) {
-    const int plane = (d == 3 ? k : 1) * k, taps = k * plane, nq = 1 + 2 * d + 4, ne = 1 + 4 * d;
-    const long blocks_per_o = (cin + BW - 1) / BW;
+    const int plane = (d == 3 ? k : 1) * k, taps = k * plane;
     FN(work) w;
     REAL *base = WORKSPACE(&w, d, k);
     if (!base) return 1; /* out of memory: the caller raises */
     FLUSH_DENORMALS_BEGIN
     for (long block = b0; block < b1; block++) {
-        const long o = block / blocks_per_o, i0 = (block % blocks_per_o) * BW, p0 = o * cin + i0;
-        const int n = cin - i0 < BW ? (int)(cin - i0) : BW;
-        LOAD(q, nq, pairs, p0, n, w.qs);
-        LOAD(e, ne, pairs, p0, n, w.es);
-        FACTORS(w.qs, w.es, w.phi, w.fac, d, k);
-        PLANE(w.fac, d, k, w.yr, w.yi);
+        long o, i0, p0;
+        const int n = PREPARE(q, e, pairs, cin, d, k, block, &w, &o, &i0, &p0);
         /* a full block writes straight into out (stride cin between taps), a partial one into the tile */
         REAL *dst = n == BW ? out + o * taps * cin + i0 : w.tile;
         const long stride = n == BW ? cin : BW;
@@ -166,19 +177,14 @@ int FN(gabor_expand)(const REAL *q, const REAL *e, REAL *out, long pairs, long c
  *      dL/ds = -sum r_a^2 Re(dphi conj(phi)),  dL/dw_jt = sum_a r_a Im(dphi conj(phi)). */
 int FN(gabor_expand_backward)(const REAL *q, const REAL *e, const REAL *grad, REAL *dq, long pairs, long cin,
                               int d, int k, long b0, long b1) {
-    const int plane = (d == 3 ? k : 1) * k, taps = k * plane, nq = 1 + 2 * d + 4, ne = 1 + 4 * d, h = k / 2;
-    const long blocks_per_o = (cin + BW - 1) / BW;
+    const int plane = (d == 3 ? k : 1) * k, taps = k * plane, nq = 1 + 2 * d + 4, h = k / 2;
     FN(work) w;
     REAL *base = WORKSPACE(&w, d, k);
     if (!base) return 1; /* out of memory: the caller raises */
     FLUSH_DENORMALS_BEGIN
     for (long block = b0; block < b1; block++) {
-        const long o = block / blocks_per_o, i0 = (block % blocks_per_o) * BW, p0 = o * cin + i0;
-        const int n = cin - i0 < BW ? (int)(cin - i0) : BW;
-        LOAD(q, nq, pairs, p0, n, w.qs);
-        LOAD(e, ne, pairs, p0, n, w.es);
-        FACTORS(w.qs, w.es, w.phi, w.fac, d, k);
-        PLANE(w.fac, d, k, w.yr, w.yi);
+        long o, i0, p0;
+        const int n = PREPARE(q, e, pairs, cin, d, k, block, &w, &o, &i0, &p0);
         const REAL *src = grad + o * taps * cin + i0;
         long stride = cin;
         if (n < BW) { /* a partial block: copy its lanes into the tile, zeros past n */
@@ -277,5 +283,6 @@ int FN(gabor_expand_backward)(const REAL *q, const REAL *e, const REAL *grad, RE
 #undef LOAD
 #undef FACTORS
 #undef PLANE
+#undef PREPARE
 #undef FAC
 #undef PL
