@@ -125,7 +125,7 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path, monkeypatch):
         native.library.cache_clear()
 
 
-@pytest.mark.skipif(native.library() is None, reason="no C compiler")
+@needs_native
 def test_build_is_cached_per_key(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDEXP_CACHE_DIR", str(tmp_path))
     native.library.cache_clear()

@@ -376,7 +376,7 @@ def same_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, impl: str =
     (`gemm_conv`) or "auto" (the fastest for this shape, see `choose_impl`). All equal F.conv{2,3}d(x, weight,
     bias, padding=k // 2) up to float rounding."""
     weight = crop_to_reach(weight, tuple(x.shape[2:]))
-    return conv_by(resolve_impl(x, weight, impl), x, weight, bias)
+    return _CONVS[resolve_impl(x, weight, impl)](x, weight, bias)
 
 
 def resolve_impl(x: Tensor, weight: Tensor, impl: str) -> str:
@@ -384,11 +384,6 @@ def resolve_impl(x: Tensor, weight: Tensor, impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"conv impl must be one of {', '.join(IMPLS)}, got {impl!r}")
     return choose_impl(x, weight) if impl == "auto" else impl
-
-
-def conv_by(impl: str, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """'Same' convolution by a resolved implementation ("direct", "fft" or "gemm")."""
-    return _CONVS[impl](x, weight, bias)
 
 
 def reach(kernel_size: int, size: int) -> int:

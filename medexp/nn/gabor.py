@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medexp.nn.fftconv import IMPLS, conv_by, crop_to_reach, reach, resolve_impl
+from medexp.nn.fftconv import IMPLS, crop_to_reach, reach, resolve_impl, same_conv
 from medexp.nn.separable import gabor_weight
 
 NAMES_3D = ("sigma", "theta_y", "theta_z", "a_re", "a_im", "f_re", "f_im", "psi")
@@ -269,7 +269,7 @@ class _GaborConvNd(nn.Module):
         impl = resolve_impl(x, weight, self.impl)
         if not torch.compiler.is_compiling():
             self.used_impl = impl  # what "auto" picked, for the run's record (medexp.train logs it)
-        return conv_by(impl, x, weight, self.bias)
+        return same_conv(x, weight, self.bias, impl)
 
     def extra_repr(self) -> str:
         return (
