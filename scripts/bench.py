@@ -4,9 +4,11 @@ Every figure is measured in this one run, with the variants of a section interle
 after a warm-up, and reported as the median over the repetitions; on a shared machine only the ratios
 between variants of one section mean something.
 
-(a) layers: forward + backward of GaborConv3d (generation + convolution; impl direct, fft, gemm, auto)
-    against nn.Conv3d with the same kernel size and with size 3, at the shapes of the Wong & Moradi network
-    (DESIGN 4): level l works on size / 2^l voxels per axis. Batch 1, channels-last (trainer default).
+(a) layers: forward + backward of GaborConv3d (generation + convolution; impl direct, direct_contiguous,
+    fft, gemm, auto) against nn.Conv3d with the same kernel size (channels-last and contiguous) and with
+    size 3, at the shapes of the Wong & Moradi network (DESIGN 4): level l works on size / 2^l voxels per
+    axis. Batch 1, activations channels-last (trainer default); each Gabor impl generates its weight in the
+    layout it runs in, and is compared with nn.Conv3d running in that same layout.
 (b) models: one training step (zero_grad, forward, PCC loss, backward, NAdam step) of WongNet with
     conventional, Gabor and mixed kernels, 1 input channel, 20 classes, batch 1 (the conventional model also
     at batch 2, the trainer default, and contiguous vs channels-last); voxels per second; and the achieved
@@ -61,8 +63,19 @@ from medexp.nn.wong import CHANNELS, WongNet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CL = torch.channels_last_3d
-# (level, cin, cout) of the layer table: the first and the decoder conv of level 0, then C -> C per level.
-LAYERS = ((0, 1, 12), (0, 36, 12), (1, 24, 24), (1, 72, 24), (2, 48, 48), (3, 96, 96), (4, 192, 192))
+# (level, cin, cout) of the layer table: C -> C per level, the first conv of level 0 and the first decoder
+# conv of levels 0, 1 and 3 (3 C -> C).
+LAYERS = (
+    (0, 1, 12),
+    (0, 36, 12),
+    (1, 24, 24),
+    (1, 72, 24),
+    (2, 48, 48),
+    (3, 96, 96),
+    (3, 288, 96),
+    (4, 192, 192),
+)
+GABOR_IMPLS = ("direct", "direct_contiguous", "fft", "gemm", "auto")
 
 
 def interleaved(variants: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, float]:
@@ -93,39 +106,49 @@ def _layer_row(size: int, level: int, cin: int, cout: int, k: int, reps: int) ->
     torch.manual_seed(0)
     x = torch.randn(1, cin, n, n, n).contiguous(memory_format=CL).requires_grad_()
     grad = torch.randn(1, cout, n, n, n).contiguous(memory_format=CL)
-    modules = {impl: GaborConv3d(cin, cout, k, impl=impl) for impl in ("direct", "fft", "gemm", "auto")}
+    modules = {impl: GaborConv3d(cin, cout, k, impl=impl) for impl in GABOR_IMPLS}
     modules |= {"convk": nn.Conv3d(cin, cout, k, padding=k // 2), "conv3": nn.Conv3d(cin, cout, 3, padding=1)}
     if n**3 * cin * k**3 > 2**26:  # im2col matrix > 256 MB: far too slow, and never picked by auto
         del modules["gemm"]
-    t = interleaved({name: _fwd_bwd(m.to(memory_format=CL), x, grad) for name, m in modules.items()}, reps)
-    return {name: t.get(name, math.nan) for name in ("direct", "fft", "gemm", "auto", "convk", "conv3")}
+    variants = {name: _fwd_bwd(m.to(memory_format=CL), x, grad) for name, m in modules.items()}
+    # nn.Conv3d in the contiguous layout: weight, input and gradient contiguous, as direct_contiguous runs it
+    contiguous = nn.Conv3d(cin, cout, k, padding=k // 2)
+    variants["convk_contiguous"] = _fwd_bwd(
+        contiguous, x.detach().contiguous().requires_grad_(), grad.contiguous()
+    )
+    t = interleaved(variants, reps)
+    return {name: t.get(name, math.nan) for name in (*GABOR_IMPLS, "convk", "convk_contiguous", "conv3")}
 
 
 def layer_section(sizes: list[int], reps: int, k: int, max_level: int) -> tuple[list[str], dict[str, float]]:
     """Table rows and key figures of (a)."""
     rows = [
-        "| input | level | cin->cout | voxels | gabor direct | gabor fft | gabor gemm | gabor auto | "
-        f"conv{k} | conv3 | direct/conv{k} | auto/conv{k} | auto/direct | fft/direct |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| input | level | cin->cout | voxels | gabor direct | gabor direct_contiguous | gabor fft | "
+        f"gabor gemm | gabor auto | conv{k} | conv{k} contiguous | conv3 | direct/conv{k} | "
+        f"direct_contiguous/conv{k} contiguous | auto/best conv{k} | auto/direct | fft/direct |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys: dict[str, float] = {}
     for size in sizes:
-        direct, auto, auto_direct = [], [], []
+        direct, contiguous, auto, auto_direct = [], [], [], []
         for level, cin, cout in LAYERS:
             if size // 2**level < 1 or level > max_level:
                 continue
             t = _layer_row(size, level, cin, cout, k, reps)
             direct.append(t["direct"] / t["convk"])
-            auto.append(t["auto"] / t["convk"])
+            contiguous.append(t["direct_contiguous"] / t["convk_contiguous"])
+            auto.append(t["auto"] / min(t["convk"], t["convk_contiguous"]))
             auto_direct.append(t["auto"] / t["direct"])
             ms = " | ".join("-" if math.isnan(v) else f"{1e3 * v:.0f} ms" for v in t.values())
             rows.append(
                 f"| {size}^3 | {level} | {cin}->{cout} | {size // 2**level}^3 | {ms} | {direct[-1]:.2f} | "
-                f"{auto[-1]:.2f} | {auto_direct[-1]:.2f} | {t['fft'] / t['direct']:.2f} |"
+                f"{contiguous[-1]:.2f} | {auto[-1]:.2f} | {auto_direct[-1]:.2f} | "
+                f"{t['fft'] / t['direct']:.2f} |"
             )
             keys[f"fft_vs_direct_layer_{size}_l{level}_{cin}_{cout}"] = t["fft"] / t["direct"]
         suffix = "" if size == 64 else f"_{size}"
         keys[f"gabor_vs_conv{k}_layer{suffix}"] = max(direct)  # worst shape, impl=direct
+        keys[f"gabor_contiguous_vs_conv{k}_contiguous_layer{suffix}"] = max(contiguous)
         keys[f"gabor_auto_vs_conv{k}_layer{suffix}"] = max(auto)
         keys[f"gabor_auto_vs_direct_layer{suffix}"] = max(auto_direct)
     return rows, keys

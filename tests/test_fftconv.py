@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from medexp.nn import fftconv
-from medexp.nn.fftconv import choose_impl, fft_conv, gemm_conv, kernel_spectrum, plan_tiles, same_conv
+from medexp.nn.fftconv import (
+    _format_of,
+    choose_impl,
+    fft_conv,
+    gemm_conv,
+    kernel_spectrum,
+    plan_tiles,
+    same_conv,
+)
 from medexp.nn.gabor import (
     GaborConv2d,
     GaborConv3d,
@@ -113,8 +121,8 @@ def test_fused_generation_matches_formula(size):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_gabor_fft_and_gemm_equal_direct(cls, shape, channels_last):
     torch.manual_seed(4)
-    layers = {impl: cls(3, 5, 7, impl=impl) for impl in ("direct", "fft", "gemm")}
-    for impl in ("fft", "gemm"):
+    layers = {impl: cls(3, 5, 7, impl=impl) for impl in ("direct", "direct_contiguous", "fft", "gemm")}
+    for impl in ("direct_contiguous", "fft", "gemm"):
         layers[impl].load_state_dict(layers["direct"].state_dict())
     x = torch.randn(shape)
     if channels_last:
@@ -125,8 +133,9 @@ def test_gabor_fft_and_gemm_equal_direct(cls, shape, channels_last):
         out = layer(xi)
         out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(5)))
         results[impl] = [out, xi.grad, *[p.grad for p in layer.parameters()]]
-    for impl in ("fft", "gemm"):
+    for impl in ("direct_contiguous", "fft", "gemm"):
         for got, want in zip(results[impl], results["direct"], strict=True):
+            assert got.is_contiguous(memory_format=_format_of(want))  # in the input's layout
             assert_close_scaled(got, want, rtol=5e-5)
 
 
@@ -139,12 +148,15 @@ def test_kernel_cache_in_eval_only():
         conv.psi.add_(0.1)  # an in-place update (optimiser step) bumps the version counter
         third = conv.kernel()
     assert third is not first and not torch.equal(third, first)
-    torch.testing.assert_close(third, conv._generate(conv.kernel_size).detach())
+    torch.testing.assert_close(third, conv._generate(conv.kernel_size, True).detach())
     trained = conv.kernel()
     assert trained.requires_grad and trained is not conv.kernel()  # with autograd: generated every call
     x = torch.randn(1, 2, 6, 6, 6)
     with torch.no_grad():
-        torch.testing.assert_close(conv(x), F.conv3d(x, conv._generate(5), conv.bias, padding=2))
+        torch.testing.assert_close(conv(x), F.conv3d(x, conv._generate(5, True), conv.bias, padding=2))
+        contiguous = conv.kernel(channels_last=False)
+        assert contiguous.is_contiguous() and contiguous is not third  # the layout is in the cache key
+        torch.testing.assert_close(contiguous, third, rtol=0, atol=0)
 
 
 def test_auto_choice_is_measured_once_and_cached(monkeypatch):
@@ -152,10 +164,10 @@ def test_auto_choice_is_measured_once_and_cached(monkeypatch):
     monkeypatch.setattr(fftconv, "_AUTO_CHOICE", {})
     monkeypatch.setattr(fftconv, "_measure", lambda x, w, grad, candidates: calls.append(grad) or "fft")
     x, w = torch.randn(1, 2, 8, 8, 8), torch.randn(3, 2, 7, 7, 7)
-    assert choose_impl(x, w) == "fft" and choose_impl(x, w) == "fft"
+    assert choose_impl(x, w.shape, False) == "fft" and choose_impl(x, w.shape, False) == "fft"
     assert calls == [False]  # no grad needed -> one forward-only measurement
-    assert choose_impl(x, w.requires_grad_()) == "fft" and calls == [False, True]  # grad mode is in the key
-    assert choose_impl(x, torch.randn(3, 2, 3, 3, 3)) == "direct"  # 27-tap kernels never measured
+    assert choose_impl(x, w.shape, True) == "fft" and calls == [False, True]  # grad mode is in the key
+    assert choose_impl(x, (3, 2, 3, 3, 3), True) == "direct"  # 27-tap kernels never measured
     torch.testing.assert_close(same_conv(x, w, impl="auto"), F.conv3d(x, w, padding=3), rtol=1e-4, atol=1e-3)
 
 
@@ -164,11 +176,11 @@ def test_auto_measurement_runs():
     conv = GaborConv3d(2, 3, 7, impl="auto")
     x = torch.randn(1, 2, 8, 8, 8, requires_grad=True)
     conv(x).sum().backward()
-    assert fftconv._AUTO_CHOICE[fftconv.auto_key(x, conv.kernel())] in ("direct", "fft", "gemm")
+    assert fftconv._AUTO_CHOICE[fftconv.auto_key(x, conv.kernel().shape, True)] in ("direct", "fft", "gemm")
     assert x.grad is not None and all(p.grad is not None for p in conv.parameters())
 
 
-@pytest.mark.parametrize("impl", ["direct", "gemm", "fft", "auto"])
+@pytest.mark.parametrize("impl", ["direct", "direct_contiguous", "gemm", "fft", "auto"])
 @pytest.mark.parametrize("spatial", [(1, 1, 1), (2, 2, 2), (2, 5, 1), (3, 9)])
 def test_small_volumes_use_only_the_taps_that_reach_them(impl, spatial):
     # On n voxels a 'same' 7-tap axis has only min(7, 2n - 1) taps that ever meet the volume: the cropped

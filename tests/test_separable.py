@@ -29,11 +29,11 @@ def _params(cout: int, cin: int, d: int, dtype=torch.float64, seed: int = 0) -> 
     return [sigma, *angles, *amplitudes]
 
 
-def _weight(params, k, native: bool):
+def _weight(params, k, native: bool, channels_last: bool = True):
     sigma, *rest = params
     angles, amplitudes = tuple(rest[: len(rest) - 5]), rest[len(rest) - 5 :]
     if native:
-        return separable.gabor_weight(sigma, angles, *amplitudes, k)
+        return separable.gabor_weight(sigma, angles, *amplitudes, k, channels_last)
     return separable.expand_torch(separable.rows_torch(sigma, angles, *amplitudes), k)
 
 
@@ -68,10 +68,11 @@ def test_2d_rows_give_the_formula():
 @needs_native
 @pytest.mark.parametrize("d", [2, 3])
 @pytest.mark.parametrize("cout,cin", [(3, 1), (2, 16), (4, 37)])  # partial, one full, full + partial blocks
-def test_native_matches_torch_values_and_gradients(d, cout, cin):
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_native_matches_torch_values_and_gradients(d, cout, cin, channels_last):
     params = _params(cout, cin, d)
-    got, want = _weight(params, 7, native=True), _weight(params, 7, native=False)
-    assert got.stride(1) == 1  # channels-last weight, what oneDNN reads
+    got, want = _weight(params, 7, native=True, channels_last=channels_last), _weight(params, 7, native=False)
+    assert got.stride(1) == 1 if channels_last else got.is_contiguous()  # the layout asked for
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     grad = torch.randn_like(want)
     for g_got, g_want in zip(
@@ -82,9 +83,12 @@ def test_native_matches_torch_values_and_gradients(d, cout, cin):
 
 @needs_native
 @pytest.mark.parametrize("d", [2, 3])
-def test_native_gradcheck(d):
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_native_gradcheck(d, channels_last):
     params = _params(2, 19, d, seed=3)
-    assert torch.autograd.gradcheck(lambda *p: _weight(p, 5, native=True), params)
+    assert torch.autograd.gradcheck(
+        lambda *p: _weight(p, 5, native=True, channels_last=channels_last), params
+    )
 
 
 @needs_native
@@ -96,8 +100,11 @@ def test_native_float32_and_threads(monkeypatch):
     try:
         for n in (1, 3):  # one range, and ranges that split the 24 * 3 blocks and 960 pairs unevenly
             torch.set_num_threads(n)
-            got = _weight([p.detach().float() for p in params], 7, native=True)
-            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+            for channels_last in (True, False):
+                got = _weight(
+                    [p.detach().float() for p in params], 7, native=True, channels_last=channels_last
+                )
+                torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(threads)
 

@@ -24,7 +24,8 @@ Implementation:
   ones: rfftn's (a c2r transform instead of a full-size c2c) and the tiling's (overlap-add).
 
 `gemm_conv` (im2col + one GEMM) serves small volumes; `same_conv(..., impl)` dispatches between these and
-F.conv{2,3}d, and `choose_impl` ("auto") times them once per shape and remembers the fastest.
+F.conv{2,3}d (in the input's memory layout, or contiguous), and `choose_impl` ("auto") times them once per
+shape and remembers the fastest.
 """
 
 from __future__ import annotations
@@ -323,7 +324,7 @@ def fft_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, tile: int | 
 
 # --- the other implementations and the choice between them -------------------------------------------
 
-IMPLS = ("auto", "direct", "fft", "gemm")
+IMPLS = ("auto", "direct", "direct_contiguous", "fft", "gemm")
 MARGIN = 0.9  # "auto" leaves "direct" only for an implementation at least 10% faster: noise cannot hurt
 GEMM_MAX_COLUMNS = 2**24  # "gemm" is only tried while its im2col matrix has at most this many entries
 _AUTO_CHOICE: dict[tuple, str] = {}  # auto_key(...) -> impl
@@ -332,12 +333,38 @@ _AUTO_CHOICE: dict[tuple, str] = {}  # auto_key(...) -> impl
 def direct_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.conv{2,3}d with 'same' padding k // 2; the kernel takes x's memory format (oneDNN is fastest when
     input and weight are both channels-last, and then returns channels-last)."""
-    d = x.dim() - 2
-    if _format_of(x) != torch.contiguous_format and weight.stride(1) != 1:
-        # channels-last strides also for cin = 1, where .contiguous(memory_format) keeps the old strides
-        weight = weight.permute(0, *range(2, 2 + d), 1).contiguous().permute(0, 1 + d, *range(1, 1 + d))
-    conv = F.conv3d if d == 3 else F.conv2d
+    if _format_of(x) != torch.contiguous_format:
+        weight = channels_last_weight(weight)
+    conv = F.conv3d if x.dim() == 5 else F.conv2d
     return conv(x, weight, bias, padding=[k // 2 for k in weight.shape[2:]])
+
+
+def direct_contiguous_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.conv{2,3}d run in the contiguous layout, returned in x's: on CPU oneDNN's channels-last kernels
+    for 7^3 taps are up to 2x slower than its contiguous ones where the volume is small and the weight
+    large (the deepest levels of the network, README Performance), and there the activations are small,
+    so converting them costs little."""
+    conv = F.conv3d if x.dim() == 5 else F.conv2d
+    out = conv(x.contiguous(), weight.contiguous(), bias, padding=[k // 2 for k in weight.shape[2:]])
+    return out.contiguous(memory_format=_format_of(x))
+
+
+def channels_last_weight(weight: Tensor) -> Tensor:
+    """weight (cout, cin, *k) with channels-last strides (cin innermost), copied only if it has not; also
+    for cin = 1, where .contiguous(memory_format=...) keeps the old strides."""
+    if weight.stride(1) == 1:
+        return weight
+    d = weight.dim() - 2
+    return weight.permute(0, *range(2, 2 + d), 1).contiguous().permute(0, 1 + d, *range(1, 1 + d))
+
+
+def weight_channels_last(x: Tensor, impl: str) -> bool:
+    """Whether implementation `impl` (not "auto") wants a channels-last weight for input x: direct
+    follows x's layout, direct_contiguous does not, gemm reads channels-last weights as a view and fft
+    copies the weight whatever its layout."""
+    if impl == "direct_contiguous":
+        return False
+    return impl != "direct" or _format_of(x) != torch.contiguous_format
 
 
 def gemm_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -368,22 +395,30 @@ def gemm_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return out.contiguous(memory_format=_format_of(x))
 
 
-_CONVS = {"direct": direct_conv, "fft": fft_conv, "gemm": gemm_conv}
+_CONVS = {
+    "direct": direct_conv,
+    "direct_contiguous": direct_contiguous_conv,
+    "fft": fft_conv,
+    "gemm": gemm_conv,
+}
 
 
 def same_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, impl: str = "auto") -> Tensor:
-    """'Same'-padded stride-1 convolution by `impl`: "direct" (F.conv{2,3}d), "fft" (`fft_conv`), "gemm"
-    (`gemm_conv`) or "auto" (the fastest for this shape, see `choose_impl`). All equal F.conv{2,3}d(x, weight,
-    bias, padding=k // 2) up to float rounding."""
+    """'Same'-padded stride-1 convolution by `impl`: "direct" (F.conv{2,3}d in x's memory layout),
+    "direct_contiguous" (F.conv{2,3}d in the contiguous layout), "fft" (`fft_conv`), "gemm" (`gemm_conv`) or
+    "auto" (the fastest for this shape, see `choose_impl`). All equal F.conv{2,3}d(x, weight, bias,
+    padding=k // 2) up to float rounding."""
     weight = crop_to_reach(weight, tuple(x.shape[2:]))
-    return _CONVS[resolve_impl(x, weight, impl)](x, weight, bias)
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return _CONVS[resolve_impl(x, tuple(weight.shape), grad, impl)](x, weight, bias)
 
 
-def resolve_impl(x: Tensor, weight: Tensor, impl: str) -> str:
-    """The implementation `impl` stands for at this shape: itself, or for "auto" the measured fastest."""
+def resolve_impl(x: Tensor, weight_shape: tuple[int, ...], grad: bool, impl: str) -> str:
+    """The implementation `impl` stands for when x meets a weight of `weight_shape` (backward too when
+    `grad`): itself, or for "auto" the measured fastest."""
     if impl not in IMPLS:
         raise ValueError(f"conv impl must be one of {', '.join(IMPLS)}, got {impl!r}")
-    return choose_impl(x, weight) if impl == "auto" else impl
+    return choose_impl(x, weight_shape, grad) if impl == "auto" else impl
 
 
 def reach(kernel_size: int, size: int) -> int:
@@ -407,32 +442,34 @@ def crop_to_reach(weight: Tensor, spatial: tuple[int, ...]) -> Tensor:
     return weight[(slice(None), slice(None), *central)]
 
 
-def auto_key(x: Tensor, weight: Tensor) -> tuple:
+def auto_key(x: Tensor, weight_shape: tuple[int, ...], grad: bool) -> tuple:
     """What the speed of a convolution depends on: shapes, dtype, device, memory format, grad mode."""
-    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return (tuple(x.shape), tuple(weight.shape), x.dtype, str(x.device), _format_of(x), grad)
+    return (tuple(x.shape), tuple(weight_shape), x.dtype, str(x.device), _format_of(x), bool(grad))
 
 
-def choose_impl(x: Tensor, weight: Tensor) -> str:
+def choose_impl(x: Tensor, weight_shape: tuple[int, ...], grad: bool) -> str:
     """The fastest implementation for this (shape, channels, kernel, device, format, grad mode).
+    `weight_shape` is the (cout, cin, *k) of the weight, `grad` whether backward runs too.
 
     Timed once per key on random tensors of the same layout and remembered in a module-level dict: each
     candidate runs once untimed as warm-up (a first run pays for plans and for first touches of fresh
     memory, gigabytes for the FFT at 128^3), then once timed (forward, plus backward when grad is on);
     those within 2x of direct run once more and the best time wins, direct unless beaten by MARGIN.
-    Kernels of <= 27 taps always run direct; gemm is only tried for small volumes.
+    Kernels of <= 27 taps always run direct; direct_contiguous is tried for channels-last inputs, gemm only
+    for small volumes. Every candidate is timed with its weight in the layout it asks for
+    (`weight_channels_last`), as GaborConv generates it.
     """
-    key = auto_key(x, weight)
+    key = auto_key(x, weight_shape, grad)
     if key not in _AUTO_CHOICE:
-        if math.prod(weight.shape[2:]) <= 27 or torch.compiler.is_compiling():
+        cin, *taps = weight_shape[1:]
+        if math.prod(taps) <= 27 or torch.compiler.is_compiling():
             return "direct"
         candidates = ["direct", "fft"]
-        if (
-            x.shape[0] * weight.shape[1] * math.prod(weight.shape[2:]) * math.prod(x.shape[2:])
-            <= GEMM_MAX_COLUMNS
-        ):
+        if _format_of(x) != torch.contiguous_format:
+            candidates.append("direct_contiguous")
+        if x.shape[0] * cin * math.prod(taps) * math.prod(x.shape[2:]) <= GEMM_MAX_COLUMNS:
             candidates.append("gemm")
-        _AUTO_CHOICE[key] = _measure(x, weight, key[-1], candidates)
+        _AUTO_CHOICE[key] = _measure(x, weight_shape, grad, candidates)
     return _AUTO_CHOICE[key]
 
 
@@ -441,20 +478,22 @@ def auto_choices() -> dict[tuple, str]:
     return dict(_AUTO_CHOICE)
 
 
-def _measure(x: Tensor, weight: Tensor, grad: bool, candidates: list[str]) -> str:
+def _measure(x: Tensor, weight_shape: tuple[int, ...], grad: bool, candidates: list[str]) -> str:
     import time
 
     xs = torch.randn_like(x).requires_grad_(grad)  # same shape, dtype, device and strides
-    ws = torch.randn_like(weight).requires_grad_(grad)
+    weight = torch.randn(weight_shape, dtype=x.dtype, device=x.device)
+    layouts = {False: weight, True: channels_last_weight(weight)}
+    ws = {name: layouts[weight_channels_last(x, name)].detach().requires_grad_(grad) for name in candidates}
     sync = torch.cuda.synchronize if xs.is_cuda else (lambda: None)
 
     def run(name: str) -> float:
         sync()
         start = time.perf_counter()
         with torch.set_grad_enabled(grad):
-            out = _CONVS[name](xs, ws)
+            out = _CONVS[name](xs, ws[name])
             if grad:
-                torch.autograd.grad(out, (xs, ws), torch.ones_like(out))
+                torch.autograd.grad(out, (xs, ws[name]), torch.ones_like(out))
         sync()
         return time.perf_counter() - start
 

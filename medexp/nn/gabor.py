@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medexp.nn.fftconv import IMPLS, crop_to_reach, reach, resolve_impl, same_conv
+from medexp.nn.fftconv import IMPLS, crop_to_reach, reach, resolve_impl, same_conv, weight_channels_last
 from medexp.nn.separable import gabor_weight
 
 NAMES_3D = ("sigma", "theta_y", "theta_z", "a_re", "a_im", "f_re", "f_im", "psi")
@@ -135,21 +135,30 @@ def gabor_kernel2d(
 # on CPU, PyTorch operations elsewhere).
 
 
-def gabor_kernel3d_fused(sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi, size: int) -> Tensor:
+def gabor_kernel3d_fused(
+    sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi, size: int, channels_last: bool = True
+) -> Tensor:
     """`gabor_kernel3d` (eq. 2) by separable factors: same arguments, same (cout, cin, k, k, k) result.
 
     About 10x fewer transcendental and elementwise operations than the direct formula; the k^3 values are
-    written once (`medexp.nn.separable.gabor_weight`).
+    written once (`medexp.nn.separable.gabor_weight`), in the channels-last or the contiguous layout.
     """
     params = (sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi)
     _check_pair_params(dict(zip(NAMES_3D, params, strict=True)))
-    return gabor_weight(sigma, (theta_y, theta_z), a_re, a_im, f_re, f_im, psi, size)  # (cout, cin, D, H, W)
+    angles = (theta_y, theta_z)
+    return gabor_weight(
+        sigma, angles, a_re, a_im, f_re, f_im, psi, size, channels_last
+    )  # (cout, cin, D, H, W)
 
 
-def gabor_kernel2d_fused(sigma, theta, a_re, a_im, f_re, f_im, psi, size: int) -> Tensor:
+def gabor_kernel2d_fused(
+    sigma, theta, a_re, a_im, f_re, f_im, psi, size: int, channels_last: bool = True
+) -> Tensor:
     """`gabor_kernel2d` by separable factors (see `gabor_kernel3d_fused`): (cout, cin, k, k)."""
     _check_pair_params(dict(zip(NAMES_2D, (sigma, theta, a_re, a_im, f_re, f_im, psi), strict=True)))
-    return gabor_weight(sigma, (theta,), a_re, a_im, f_re, f_im, psi, size)  # (cout, cin, H, W)
+    return gabor_weight(
+        sigma, (theta,), a_re, a_im, f_re, f_im, psi, size, channels_last
+    )  # (cout, cin, H, W)
 
 
 class _GaborConvNd(nn.Module):
@@ -157,7 +166,7 @@ class _GaborConvNd(nn.Module):
 
     spatial_dims: int
     angle_names: tuple[str, ...]
-    fused_kernel: Callable[..., Tensor]  # gabor_kernel{3,2}d_fused: (sigma, *angles, *amplitudes, size)
+    fused_kernel: Callable[..., Tensor]  # gabor_kernel{3,2}d_fused: (sigma, *angles, *amplitudes, size, cl)
 
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size: int = 7, bias: bool = True, impl: str = "auto"
@@ -223,15 +232,16 @@ class _GaborConvNd(nn.Module):
     def _init_angles(self) -> None:
         raise NotImplementedError
 
-    def _generate(self, size: int) -> Tensor:
+    def _generate(self, size: int, channels_last: bool) -> Tensor:
         """The central size^d taps of the weight from the current parameters (fused separable generation),
         with autograd."""
         angles = (getattr(self, name) for name in self.angle_names)
         amplitudes = (self.a_re, self.a_im, self.f_re, self.f_im, self.psi)
-        return self.fused_kernel(self.sigma, *angles, *amplitudes, size)
+        return self.fused_kernel(self.sigma, *angles, *amplitudes, size, channels_last)
 
-    def kernel(self, size: int | None = None) -> Tensor:
-        """The generated weight, (cout, cin, s, ..., s): its central s = size taps per axis (default all k).
+    def kernel(self, size: int | None = None, channels_last: bool = True) -> Tensor:
+        """The generated weight, (cout, cin, s, ..., s): its central s = size taps per axis (default all k),
+        laid out channels-last or contiguous in memory (on CPU; elsewhere always contiguous).
 
         Generated on every call while autograd records (training). Without autograd (evaluation,
         inference) the kernel is cached until a parameter changes: the key holds every Gabor parameter's
@@ -242,21 +252,24 @@ class _GaborConvNd(nn.Module):
         if size < 1 or size % 2 == 0 or size > self.kernel_size:
             raise ValueError(f"kernel size must be odd and at most {self.kernel_size}, got {size}")
         params = [getattr(self, n) for n in self.param_names]
-        if torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        ):
-            return self._generate(size)
-        key = (size, *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+        if torch.compiler.is_compiling() or self._params_record_grad():
+            return self._generate(size, channels_last)
+        key = (size, channels_last, *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
         if self._kernel_cache is None or self._kernel_cache[0] != key:
             with torch.no_grad():
-                self._kernel_cache = (key, self._generate(size))
+                self._kernel_cache = (key, self._generate(size, channels_last))
         return self._kernel_cache[1]
+
+    def _params_record_grad(self) -> bool:
+        """Whether autograd records the kernel generation (grad mode on and a parameter trainable)."""
+        return torch.is_grad_enabled() and any(getattr(self, n).requires_grad for n in self.param_names)
 
     def forward(self, x: Tensor) -> Tensor:
         """'Same'-padded, stride-1 convolution with the generated kernel: (B, cin, *S) -> (B, cout, *S).
 
-        impl "direct" is F.conv{2,3}d, "fft" `medexp.nn.fftconv.fft_conv`, "gemm" im2col + GEMM, "auto" the
-        fastest for this input shape (measured once per shape, see `medexp.nn.fftconv.choose_impl`).
+        impl "direct" is F.conv{2,3}d in x's memory layout, "direct_contiguous" F.conv{2,3}d in the
+        contiguous one, "fft" `medexp.nn.fftconv.fft_conv`, "gemm" im2col + GEMM, "auto" the fastest for this
+        input shape (measured once per shape, see `medexp.nn.fftconv.choose_impl`).
         On volumes smaller than the kernel only the taps that can meet a voxel are generated (e.g. 3^3
         of the 7^3 on 2^3 voxels, see `medexp.nn.fftconv.reach`): the result is the same.
         """
@@ -265,11 +278,16 @@ class _GaborConvNd(nn.Module):
                 f"{type(self).__name__} expects input (B, {self.in_channels}, *spatial) with "
                 f"{self.spatial_dims} spatial dims, got shape {tuple(x.shape)}"
             )
-        weight = crop_to_reach(self.kernel(reach(self.kernel_size, max(x.shape[2:]))), tuple(x.shape[2:]))
-        impl = resolve_impl(x, weight, self.impl)
+        spatial = tuple(x.shape[2:])
+        taps = tuple(reach(self.kernel_size, n) for n in spatial)
+        grad = self._params_record_grad() or (torch.is_grad_enabled() and x.requires_grad)
+        impl = resolve_impl(x, (self.out_channels, self.in_channels, *taps), grad, self.impl)
         if not torch.compiler.is_compiling():
             self.used_impl = impl  # what "auto" picked, for the run's record (medexp.train logs it)
-        return same_conv(x, weight, self.bias, impl)
+        # generated in the memory layout the implementation runs in, so that neither the weight nor its
+        # gradient is copied between layouts (such copies cost up to half a 7^3 convolution, see README)
+        weight = self.kernel(max(taps), channels_last=weight_channels_last(x, impl))
+        return same_conv(x, crop_to_reach(weight, spatial), self.bias, impl)
 
     def extra_repr(self) -> str:
         return (
@@ -288,8 +306,9 @@ class GaborConv3d(_GaborConvNd):
         in_channels, out_channels: channel counts.
         kernel_size: odd size k of the generated k^3 kernel (7 in the paper).
         bias: add a learnable bias per output channel.
-        impl: "direct" (F.conv3d), "fft" (convolution theorem, `medexp.nn.fftconv`), "gemm" (im2col +
-            GEMM, for small volumes) or "auto" (the fastest, measured once per input shape).
+        impl: "direct" (F.conv3d in the input's memory layout), "direct_contiguous" (F.conv3d in the
+            contiguous layout), "fft" (convolution theorem, `medexp.nn.fftconv`), "gemm" (im2col + GEMM,
+            for small volumes) or "auto" (the fastest, measured once per input shape).
     """
 
     spatial_dims = 3

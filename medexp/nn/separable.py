@@ -16,9 +16,10 @@ k^d taps from 8 numbers per pair, forward and backward, for up to 37k pairs per 
 PyTorch operations it cost more than the convolution it feeds on small volumes; so on CPU `gabor_weight`
 runs the hand-written C kernels of csrc/ instead (rows_impl.h: the parameters to q, vectorised over pairs;
 separable_impl.h: q to the taps, 16 pairs at a time in vector registers, one pass over the taps each way,
-ranges of pairs on `torch.get_num_threads()` threads), writing the weight in the channels-last layout that
-oneDNN's convolution reads and its weight gradient arrives in. Elsewhere (CUDA, Dynamo tracing, no C
-compiler) it runs the PyTorch operations.
+ranges of pairs on `torch.get_num_threads()` threads), writing the weight in the memory layout the
+convolution runs in (channels-last, or contiguous for `direct_contiguous`, see medexp.nn.fftconv), which
+is also the layout its weight gradient arrives in. Elsewhere (CUDA, Dynamo tracing, no C compiler) it runs
+the PyTorch operations.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def expand_torch(q: Tensor, k: int) -> Tensor:
 
 
 BLOCK = 16  # BW of csrc/separable.c: pairs (consecutive input channels) per block
-MIN_PER_THREAD = 8192  # pairs; fewer per thread: one call on this thread (a wake-up costs more)
+MIN_PER_THREAD = 2048  # pairs; fewer per thread: one call on this thread (a wake-up costs more)
 _POOL: ThreadPoolExecutor | None = None
 
 
@@ -136,7 +137,9 @@ class _NativeGabor(torch.autograd.Function):
     """`expand_torch(rows_torch(...))` by the C kernels: parameters -> q, e -> taps, and back."""
 
     @staticmethod
-    def forward(ctx, k: int, sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi) -> Tensor:
+    def forward(
+        ctx, k: int, channels_last: bool, sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi
+    ) -> Tensor:
         lib, suffix = native.library(), _SUFFIX[sigma.dtype]
         d = 3 if theta_z is not None else 2
         params = [t.contiguous() for t in (sigma, theta_y, theta_z if d == 3 else theta_y)]
@@ -148,27 +151,51 @@ class _NativeGabor(torch.autograd.Function):
         size = ctypes.c_long(pairs)
         rows = getattr(lib, f"gabor_rows_{suffix}")
         _run_chunked(rows, pairs, 1, *pointers, _pointer(q), _pointer(e), size, d)
-        out = sigma.new_empty(cout, *[k] * d, cin)  # channels-last memory of the (cout, cin, k..k) weight
-        args = (_pointer(q), _pointer(e), _pointer(out), size, ctypes.c_long(cin), d, k)
+        # (cout, k.., cin) is the channels-last memory of the (cout, cin, k.., k) weight
+        out = sigma.new_empty(cout, *[k] * d, cin) if channels_last else sigma.new_empty(cout, cin, *[k] * d)
+        args = (
+            _pointer(q),
+            _pointer(e),
+            _pointer(out),
+            size,
+            ctypes.c_long(cin),
+            d,
+            k,
+            int(not channels_last),
+        )
         _run_chunked(getattr(lib, f"gabor_expand_{suffix}"), cout * -(-cin // BLOCK), BLOCK, *args)
         ctx.save_for_backward(*params, q, e)
-        ctx.k, ctx.d = k, d
-        return out.movedim(-1, 1)  # (cout, cin, k, .., k), channels-last strides
+        ctx.k, ctx.d, ctx.channels_last = k, d, channels_last
+        return out.movedim(-1, 1) if channels_last else out  # (cout, cin, k, .., k)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         *params, q, e = ctx.saved_tensors
         lib, suffix, d, k = native.library(), _SUFFIX[q.dtype], ctx.d, ctx.k
         (cout, cin), pairs = params[0].shape, params[0].numel()
-        grad = grad.movedim(1, -1).contiguous()  # (cout, k.., cin): no copy when it is channels-last
+        if ctx.channels_last:
+            grad = grad.movedim(1, -1).contiguous()  # (cout, k.., cin): no copy when it is channels-last
+        else:
+            grad = grad.contiguous()  # (cout, cin, k..)
         dq = torch.empty_like(q)
         size = ctypes.c_long(pairs)
-        args = (_pointer(q), _pointer(e), _pointer(grad), _pointer(dq), size, ctypes.c_long(cin), d, k)
+        layout = int(not ctx.channels_last)
+        args = (
+            _pointer(q),
+            _pointer(e),
+            _pointer(grad),
+            _pointer(dq),
+            size,
+            ctypes.c_long(cin),
+            d,
+            k,
+            layout,
+        )
         _run_chunked(getattr(lib, f"gabor_expand_backward_{suffix}"), cout * -(-cin // BLOCK), BLOCK, *args)
         grads = [torch.empty_like(t) for t in params]  # sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi
         pointers = [_pointer(t) for t in params] + [_pointer(dq)] + [_pointer(t) for t in grads]
         _run_chunked(getattr(lib, f"gabor_rows_backward_{suffix}"), pairs, 1, *pointers, size, d)
-        return None, grads[0], grads[1], grads[2] if d == 3 else None, *grads[3:]
+        return None, None, grads[0], grads[1], grads[2] if d == 3 else None, *grads[3:]
 
 
 def native_available(t: Tensor) -> bool:
@@ -181,17 +208,19 @@ def native_available(t: Tensor) -> bool:
     )
 
 
-def gabor_weight(sigma, angles: tuple[Tensor, ...], a_re, a_im, f_re, f_im, psi, k: int) -> Tensor:
+def gabor_weight(
+    sigma, angles: tuple[Tensor, ...], a_re, a_im, f_re, f_im, psi, k: int, channels_last: bool = True
+) -> Tensor:
     """The (cout, cin, k, .., k) weight of eq. 2 from (cout, cin) parameters (sigma > 0, angles as in
     `direction`).
 
-    Differentiable in all of them; the C kernels on CPU (channels-last result), PyTorch operations otherwise
-    (contiguous); the same values up to float rounding.
+    Differentiable in all of them; the C kernels on CPU, written in the channels-last or the contiguous
+    memory layout as asked, PyTorch operations otherwise (contiguous); the same values up to float rounding.
     """
     if k < 1 or k % 2 == 0:
         raise ValueError(f"Gabor kernel size must be a positive odd integer, got {k}")
     amplitudes = (a_re, a_im, f_re, f_im, psi)
     if native_available(sigma):
         theta_z = angles[1] if len(angles) == 2 else None
-        return _NativeGabor.apply(k, sigma, angles[0], theta_z, *amplitudes)
+        return _NativeGabor.apply(k, channels_last, sigma, angles[0], theta_z, *amplitudes)
     return expand_torch(rows_torch(sigma, angles, *amplitudes), k)

@@ -18,8 +18,13 @@
  *        Im c_1 (rows_impl.h computes q and e from eq. 2's parameters).
  *   e    (1 + 4 d, cout cin): exp(-s), cos w_00, sin w_00, .., sin w_(d-1)1, so the kernel itself needs only
  *        products.
- *   out  (cout, k^d, cin): the channels-last layout of the (cout, cin, k, .., k) weight, taps row-major
- *        (3D: axes D, H, W = z, y, x; 2D has no middle axis, phi_1 = 1); grad in the same layout.
+ *   out  the (cout, cin, k, .., k) weight, taps row-major (3D: axes D, H, W = z, y, x; 2D has no middle
+ *        axis, phi_1 = 1), in one of two memory layouts (grad in the same one):
+ *        channels-last (cout, k^d, cin) when `contiguous` is 0: a block's 16 taps at one offset are
+ *        adjacent, so the block writes and reads them straight;
+ *        contiguous (cout, cin, k^d) otherwise (oneDNN's fastest layout for 7^3 kernels on the deepest,
+ *        smallest volumes): the block goes through its (k^d, BW) tile, transposed on the way out (forward)
+ *        or in (backward), one pair's k^d taps at a time.
  * Expects REAL (float or double), FN(name) and BW defined by the including file.
  */
 
@@ -133,8 +138,8 @@ static int PREPARE(const REAL *q, const REAL *e, long pairs, long cin, int d, in
 
 /* Forward: the taps of blocks b0 <= block < b1 (block = o * ceil(cin / BW) + i / BW) into out; 0, or 1 when
  * out of memory. */
-int FN(gabor_expand)(const REAL *q, const REAL *e, REAL *out, long pairs, long cin, int d, int k, long b0,
-                     long b1) {
+int FN(gabor_expand)(const REAL *q, const REAL *e, REAL *out, long pairs, long cin, int d, int k,
+                     int contiguous, long b0, long b1) {
     const int plane = (d == 3 ? k : 1) * k, taps = k * plane;
     FN(work) w;
     REAL *base = WORKSPACE(&w, d, k);
@@ -143,9 +148,10 @@ int FN(gabor_expand)(const REAL *q, const REAL *e, REAL *out, long pairs, long c
     for (long block = b0; block < b1; block++) {
         long o, i0, p0;
         const int n = PREPARE(q, e, pairs, cin, d, k, block, &w, &o, &i0, &p0);
-        /* a full block writes straight into out (stride cin between taps), a partial one into the tile */
-        REAL *dst = n == BW ? out + o * taps * cin + i0 : w.tile;
-        const long stride = n == BW ? cin : BW;
+        /* a full channels-last block writes straight into out (stride cin between taps), others into the tile */
+        const int direct = n == BW && !contiguous;
+        REAL *dst = direct ? out + o * taps * cin + i0 : w.tile;
+        const long stride = direct ? cin : BW;
         for (int a = 0; a < k; a++) {
             const REAL *zr0 = w.fac + FAC(0, a, 0, 0), *zi0 = zr0 + BW, *zr1 = zi0 + BW, *zi1 = zr1 + BW;
             for (int m = 0; m < plane; m++) {
@@ -157,7 +163,12 @@ int FN(gabor_expand)(const REAL *q, const REAL *e, REAL *out, long pairs, long c
                     row[l] = zr0[l] * yr0[l] - zi0[l] * yi0[l] + zr1[l] * yr1[l] - zi1[l] * yi1[l];
             }
         }
-        if (n < BW)
+        if (contiguous)
+            for (int l = 0; l < n; l++) {
+                REAL *row = out + (p0 + l) * taps; /* pair p0 + l's taps */
+                for (int tap = 0; tap < taps; tap++) row[tap] = w.tile[tap * BW + l];
+            }
+        else if (n < BW)
             for (int tap = 0; tap < taps; tap++)
                 for (int l = 0; l < n; l++) out[(o * taps + tap) * cin + i0 + l] = w.tile[tap * BW + l];
     }
@@ -176,7 +187,7 @@ int FN(gabor_expand)(const REAL *q, const REAL *e, REAL *out, long pairs, long c
  * 3. onto s and w with dphi/ds = -r^2 phi, dphi/dw = i r phi:
  *      dL/ds = -sum r_a^2 Re(dphi conj(phi)),  dL/dw_jt = sum_a r_a Im(dphi conj(phi)). */
 int FN(gabor_expand_backward)(const REAL *q, const REAL *e, const REAL *grad, REAL *dq, long pairs, long cin,
-                              int d, int k, long b0, long b1) {
+                              int d, int k, int contiguous, long b0, long b1) {
     const int plane = (d == 3 ? k : 1) * k, taps = k * plane, nq = 1 + 2 * d + 4, h = k / 2;
     FN(work) w;
     REAL *base = WORKSPACE(&w, d, k);
@@ -187,7 +198,15 @@ int FN(gabor_expand_backward)(const REAL *q, const REAL *e, const REAL *grad, RE
         const int n = PREPARE(q, e, pairs, cin, d, k, block, &w, &o, &i0, &p0);
         const REAL *src = grad + o * taps * cin + i0;
         long stride = cin;
-        if (n < BW) { /* a partial block: copy its lanes into the tile, zeros past n */
+        if (contiguous) { /* the block's rows of taps, transposed into the tile; zeros past n */
+            for (int l = 0; l < n; l++) {
+                const REAL *row = grad + (p0 + l) * taps;
+                for (int tap = 0; tap < taps; tap++) w.tile[tap * BW + l] = row[tap];
+            }
+            for (int tap = 0; tap < taps; tap++)
+                for (int l = n; l < BW; l++) w.tile[tap * BW + l] = 0;
+            src = w.tile, stride = BW;
+        } else if (n < BW) { /* a partial block: copy its lanes into the tile, zeros past n */
             for (int tap = 0; tap < taps; tap++)
                 for (int l = 0; l < BW; l++) w.tile[tap * BW + l] = l < n ? src[tap * cin + l] : 0;
             src = w.tile, stride = BW;
