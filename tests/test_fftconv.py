@@ -162,7 +162,9 @@ def test_kernel_cache_in_eval_only():
 def test_auto_choice_is_measured_once_and_cached(monkeypatch):
     calls = []
     monkeypatch.setattr(fftconv, "_AUTO_CHOICE", {})
-    monkeypatch.setattr(fftconv, "_measure", lambda x, w, grad, candidates: calls.append(grad) or "fft")
+    monkeypatch.setattr(
+        fftconv, "_measure", lambda x, w, grad, candidates, layer: calls.append(grad) or "fft"
+    )
     x, w = torch.randn(1, 2, 8, 8, 8), torch.randn(3, 2, 7, 7, 7)
     assert choose_impl(x, w.shape, False) == "fft" and choose_impl(x, w.shape, False) == "fft"
     assert calls == [False]  # no grad needed -> one forward-only measurement
@@ -176,7 +178,8 @@ def test_auto_measurement_runs():
     conv = GaborConv3d(2, 3, 7, impl="auto")
     x = torch.randn(1, 2, 8, 8, 8, requires_grad=True)
     conv(x).sum().backward()
-    assert fftconv._AUTO_CHOICE[fftconv.auto_key(x, conv.kernel().shape, True)] in ("direct", "fft", "gemm")
+    key = fftconv.auto_key(x, conv.kernel().shape, True, "GaborConv3d")  # timed by the layer itself
+    assert fftconv._AUTO_CHOICE[key] in ("direct", "direct_contiguous", "fft", "gemm")
     assert x.grad is not None and all(p.grad is not None for p in conv.parameters())
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from medexp.nn import native, separable
+from medexp.nn.fftconv import kernel_spectrum
 from medexp.nn.gabor import gabor_kernel2d, gabor_kernel3d
 
 needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler")
@@ -146,3 +147,50 @@ def test_build_is_cached_per_key(tmp_path, monkeypatch):
         assert not [p for p in built.parent.iterdir() if p != built]  # no temporary left behind
     finally:
         native.library.cache_clear()
+
+
+def _spectrum(params, k, sizes, native: bool):
+    sigma, *rest = params
+    angles, amplitudes = tuple(rest[: len(rest) - 5]), rest[len(rest) - 5 :]
+    if native:
+        return separable.gabor_spectrum(sigma, angles, *amplitudes, k, sizes)
+    weight = separable.expand_torch(separable.rows_torch(sigma, angles, *amplitudes), k)
+    return kernel_spectrum(weight, sizes)
+
+
+@needs_native
+@pytest.mark.parametrize("d,sizes", [(3, (12, 14, 10)), (2, (12, 8))])
+@pytest.mark.parametrize("cout,cin", [(3, 2), (17, 3)])  # one partial block per input channel; full + partial
+def test_native_spectrum_is_the_kernels_conjugate_rfft(d, sizes, cout, cin):
+    # csrc/spectrum_impl.h builds conj(rfftn(W zero-padded to sizes)) from the separable factors, without the
+    # taps: it must equal torch.fft on the generated kernel (values), and the pruned-DFT path that the
+    # fallback runs (values and gradients).
+    params = _params(cout, cin, d, seed=5)
+    got = _spectrum(params, 5, sizes, native=True)  # (2, F, cin, cout)
+    weight = _weight(params, 5, native=False).detach()
+    fft = (
+        torch.fft.rfftn(weight, s=sizes, dim=tuple(range(2, 2 + d))).conj().resolve_conj()
+    )  # (cout, cin, P_0.., nx)
+    fft = torch.view_as_real(fft.flatten(2)).permute(3, 2, 1, 0)  # (re/im, F, cin, cout)
+    torch.testing.assert_close(got, fft, rtol=1e-12, atol=1e-12)
+    want = _spectrum(params, 5, sizes, native=False)
+    grad = torch.randn_like(want)
+    for g_got, g_want in zip(
+        torch.autograd.grad(got, params, grad), torch.autograd.grad(want, params, grad), strict=True
+    ):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-10)
+
+
+@needs_native
+def test_native_spectrum_gradcheck_and_float32_threads(monkeypatch):
+    params = _params(18, 2, 3, seed=6)
+    assert torch.autograd.gradcheck(lambda *p: _spectrum(p, 3, (4, 6, 4), native=True), params)
+    want = _spectrum(params, 7, (14, 14, 14), native=False).detach()
+    monkeypatch.setattr(separable, "MIN_PER_THREAD", 8)  # 2 x 2 blocks over 3 threads: uneven ranges
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        got = _spectrum([p.detach().float() for p in params], 7, (14, 14, 14), native=True)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

@@ -31,7 +31,9 @@ shape and remembers the fastest.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from functools import lru_cache
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -298,20 +300,33 @@ def fft_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, tile: int | 
         (B, cout, *S), equal to F.conv{d}d(x, weight, bias, padding=k // 2) up to float rounding, in the
         memory format of x.
     """
+    return spectral_conv(x, tuple(weight.shape), lambda sizes: kernel_spectrum(weight, sizes), bias, tile)
+
+
+def spectral_conv(
+    x: Tensor,
+    weight_shape: tuple[int, ...],
+    spectrum: Callable[[tuple[int, ...]], Tensor],
+    bias: Tensor | None = None,
+    tile: int | None = None,
+) -> Tensor:
+    """`fft_conv` with the kernel given by its spectrum: `spectrum(sizes)` returns what
+    `kernel_spectrum(weight, sizes)` would for the (cout, cin, *k) weight of `weight_shape` (the Gabor layers
+    compute it from their parameters without the taps, `medexp.nn.separable.gabor_spectrum`)."""
     d = x.dim() - 2
-    if d not in (2, 3) or weight.dim() != d + 2 or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"fft_conv: input {tuple(x.shape)} and weight {tuple(weight.shape)} do not match")
-    if any(k % 2 == 0 for k in weight.shape[2:]):
-        raise ValueError(f"fft_conv: kernel sizes must be odd, got weight {tuple(weight.shape)}")
+    if d not in (2, 3) or len(weight_shape) != d + 2 or weight_shape[1] != x.shape[1]:
+        raise ValueError(f"fft_conv: input {tuple(x.shape)} and weight {tuple(weight_shape)} do not match")
+    if any(k % 2 == 0 for k in weight_shape[2:]):
+        raise ValueError(f"fft_conv: kernel sizes must be odd, got weight {tuple(weight_shape)}")
     batch, cin, *spatial = x.shape
-    cout, ks = weight.shape[0], tuple(weight.shape[2:])
+    cout, ks = weight_shape[0], tuple(weight_shape[2:])
     axes = plan_tiles(tuple(spatial), ks, cin, cout, batch, tile)
     sizes = tuple(p for p, _, _ in axes)
     tiles = _tiles(x, axes, [k // 2 for k in ks])  # (nt_0.., B, cin, P_0..)
-    spectrum = _RealFFT.apply(tiles, d)  # (P_0.., nx, nt_0.., B, cin)
-    freqs, count = spectrum.shape[:d], math.prod(spectrum.shape[d:-1])
-    spectrum = torch.view_as_real(spectrum).reshape(math.prod(freqs), count, cin, 2)  # (F, tiles B, cin, 2)
-    out = _channel_product(spectrum, kernel_spectrum(weight, sizes))  # (F, tiles B, cout, 2)
+    x_spectrum = _RealFFT.apply(tiles, d)  # (P_0.., nx, nt_0.., B, cin)
+    freqs, count = x_spectrum.shape[:d], math.prod(x_spectrum.shape[d:-1])
+    x_spectrum = torch.view_as_real(x_spectrum).reshape(math.prod(freqs), count, cin, 2)  # (F, T B, cin, 2)
+    out = _channel_product(x_spectrum, spectrum(sizes))  # (F, tiles B, cout, 2)
     out = out.reshape(*freqs, *tiles.shape[: d + 1], cout, 2)  # (P_0.., nx, nt_0.., B, cout, re/im)
     out = torch.fft.irfftn(
         torch.view_as_complex(out), s=sizes, dim=tuple(range(d))
@@ -360,11 +375,12 @@ def channels_last_weight(weight: Tensor) -> Tensor:
 
 def weight_channels_last(x: Tensor, impl: str) -> bool:
     """Whether implementation `impl` (not "auto") wants a channels-last weight for input x: direct
-    follows x's layout, direct_contiguous does not, gemm reads channels-last weights as a view and fft
-    copies the weight whatever its layout."""
+    follows x's layout (a one-channel input is both; with a channels-last weight oneDNN runs its
+    channels-last kernel, measured faster: 1->12 at 64^3 91 vs 111 ms), direct_contiguous does not, gemm
+    reads channels-last weights as a view and fft copies the weight whatever its layout."""
     if impl == "direct_contiguous":
         return False
-    return impl != "direct" or _format_of(x) != torch.contiguous_format
+    return impl != "direct" or _format_of(x) != torch.contiguous_format or x.shape[1] == 1
 
 
 def gemm_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -413,12 +429,14 @@ def same_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, impl: str =
     return _CONVS[resolve_impl(x, tuple(weight.shape), grad, impl)](x, weight, bias)
 
 
-def resolve_impl(x: Tensor, weight_shape: tuple[int, ...], grad: bool, impl: str) -> str:
+def resolve_impl(
+    x: Tensor, weight_shape: tuple[int, ...], grad: bool, impl: str, layer: MeasuredLayer | None = None
+) -> str:
     """The implementation `impl` stands for when x meets a weight of `weight_shape` (backward too when
-    `grad`): itself, or for "auto" the measured fastest."""
+    `grad`): itself, or for "auto" the measured fastest (of `layer`'s own paths if given)."""
     if impl not in IMPLS:
         raise ValueError(f"conv impl must be one of {', '.join(IMPLS)}, got {impl!r}")
-    return choose_impl(x, weight_shape, grad) if impl == "auto" else impl
+    return choose_impl(x, weight_shape, grad, layer) if impl == "auto" else impl
 
 
 def reach(kernel_size: int, size: int) -> int:
@@ -442,14 +460,28 @@ def crop_to_reach(weight: Tensor, spatial: tuple[int, ...]) -> Tensor:
     return weight[(slice(None), slice(None), *central)]
 
 
-def auto_key(x: Tensor, weight_shape: tuple[int, ...], grad: bool) -> tuple:
-    """What the speed of a convolution depends on: shapes, dtype, device, memory format, grad mode."""
-    return (tuple(x.shape), tuple(weight_shape), x.dtype, str(x.device), _format_of(x), bool(grad))
+class MeasuredLayer(Protocol):
+    """A layer whose implementations "auto" times as the layer runs them (kernel generation included)."""
+
+    def run_impl(self, impl: str, x: Tensor) -> Tensor: ...  # the convolution of x by impl (not "auto")
+
+    def parameters(self) -> Iterator[Tensor]: ...
 
 
-def choose_impl(x: Tensor, weight_shape: tuple[int, ...], grad: bool) -> str:
+def auto_key(x: Tensor, weight_shape: tuple[int, ...], grad: bool, measured_by: str = "weight") -> tuple:
+    """What the speed of a convolution depends on: shapes, dtype, device, memory format, grad mode, and
+    what was timed ("weight": a given weight; else the layer class whose own paths were timed)."""
+    shapes = (tuple(x.shape), tuple(weight_shape))
+    return (*shapes, x.dtype, str(x.device), _format_of(x), bool(grad), measured_by)
+
+
+def choose_impl(
+    x: Tensor, weight_shape: tuple[int, ...], grad: bool, layer: MeasuredLayer | None = None
+) -> str:
     """The fastest implementation for this (shape, channels, kernel, device, format, grad mode).
-    `weight_shape` is the (cout, cin, *k) of the weight, `grad` whether backward runs too.
+    `weight_shape` is the (cout, cin, *k) of the weight, `grad` whether backward runs too; with `layer`
+    its own `run_impl` paths are timed (the Gabor layers: generation of the weight or of the kernel
+    spectrum included), else the convolutions with a random weight.
 
     Timed once per key on random tensors of the same layout and remembered in a module-level dict: each
     candidate runs once untimed as warm-up (a first run pays for plans and for first touches of fresh
@@ -459,7 +491,7 @@ def choose_impl(x: Tensor, weight_shape: tuple[int, ...], grad: bool) -> str:
     for small volumes. Every candidate is timed with its weight in the layout it asks for
     (`weight_channels_last`), as GaborConv generates it.
     """
-    key = auto_key(x, weight_shape, grad)
+    key = auto_key(x, weight_shape, grad, "weight" if layer is None else type(layer).__name__)
     if key not in _AUTO_CHOICE:
         cin, *taps = weight_shape[1:]
         if math.prod(taps) <= 27 or torch.compiler.is_compiling():
@@ -469,7 +501,7 @@ def choose_impl(x: Tensor, weight_shape: tuple[int, ...], grad: bool) -> str:
             candidates.append("direct_contiguous")
         if x.shape[0] * cin * math.prod(taps) * math.prod(x.shape[2:]) <= GEMM_MAX_COLUMNS:
             candidates.append("gemm")
-        _AUTO_CHOICE[key] = _measure(x, weight_shape, grad, candidates)
+        _AUTO_CHOICE[key] = _measure(x, weight_shape, grad, candidates, layer)
     return _AUTO_CHOICE[key]
 
 
@@ -478,22 +510,30 @@ def auto_choices() -> dict[tuple, str]:
     return dict(_AUTO_CHOICE)
 
 
-def _measure(x: Tensor, weight_shape: tuple[int, ...], grad: bool, candidates: list[str]) -> str:
+def _measure(
+    x: Tensor, weight_shape: tuple[int, ...], grad: bool, candidates: list[str], layer: MeasuredLayer | None
+) -> str:
     import time
 
     xs = torch.randn_like(x).requires_grad_(grad)  # same shape, dtype, device and strides
-    weight = torch.randn(weight_shape, dtype=x.dtype, device=x.device)
-    layouts = {False: weight, True: channels_last_weight(weight)}
-    ws = {name: layouts[weight_channels_last(x, name)].detach().requires_grad_(grad) for name in candidates}
+    if layer is not None:
+        params = [p for p in layer.parameters() if p.requires_grad]
+        runs = {name: (lambda name=name: layer.run_impl(name, xs), (xs, *params)) for name in candidates}
+    else:
+        weight = torch.randn(weight_shape, dtype=x.dtype, device=x.device)
+        layouts = {False: weight, True: channels_last_weight(weight)}
+        ws = {n: layouts[weight_channels_last(x, n)].detach().requires_grad_(grad) for n in candidates}
+        runs = {name: (lambda name=name: _CONVS[name](xs, ws[name]), (xs, ws[name])) for name in candidates}
     sync = torch.cuda.synchronize if xs.is_cuda else (lambda: None)
 
     def run(name: str) -> float:
         sync()
         start = time.perf_counter()
         with torch.set_grad_enabled(grad):
-            out = _CONVS[name](xs, ws[name])
+            forward, inputs = runs[name]
+            out = forward()
             if grad:
-                torch.autograd.grad(out, (xs, ws[name]), torch.ones_like(out))
+                torch.autograd.grad(out, inputs, torch.ones_like(out))
         sync()
         return time.perf_counter() - start
 

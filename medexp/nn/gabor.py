@@ -27,8 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medexp.nn.fftconv import IMPLS, crop_to_reach, reach, resolve_impl, same_conv, weight_channels_last
-from medexp.nn.separable import gabor_weight
+from medexp.nn.fftconv import (
+    IMPLS,
+    crop_to_reach,
+    reach,
+    resolve_impl,
+    same_conv,
+    spectral_conv,
+    weight_channels_last,
+)
+from medexp.nn.separable import gabor_spectrum, gabor_weight
 
 NAMES_3D = ("sigma", "theta_y", "theta_z", "a_re", "a_im", "f_re", "f_im", "psi")
 NAMES_2D = ("sigma", "theta", "a_re", "a_im", "f_re", "f_im", "psi")
@@ -185,6 +193,7 @@ class _GaborConvNd(nn.Module):
             self.register_parameter(name, nn.Parameter(torch.empty(shape)))
         self.bias = nn.Parameter(torch.empty(self.out_channels)) if bias else None
         self._kernel_cache: tuple | None = None  # (parameter versions, kernel), see `kernel`
+        self._spectrum_cache: tuple | None = None  # (parameter versions, spectrum), see `spectrum`
         self.used_impl: str | None = None  # the implementation of the last forward pass
         self.reset_parameters()
 
@@ -239,6 +248,30 @@ class _GaborConvNd(nn.Module):
         amplitudes = (self.a_re, self.a_im, self.f_re, self.f_im, self.psi)
         return self.fused_kernel(self.sigma, *angles, *amplitudes, size, channels_last)
 
+    def _cached(self, slot: str, key: tuple, make: Callable[[], Tensor]) -> Tensor:
+        """make() while autograd records (training); else cached in attribute `slot` until a parameter
+        changes: the key holds every Gabor parameter's storage and version counter, which in-place updates
+        (optimiser steps, load_state_dict, .to()) advance or replace."""
+        if torch.compiler.is_compiling() or self._params_record_grad():
+            return make()
+        params = [getattr(self, n) for n in self.param_names]
+        key = (*key, *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+        cache = getattr(self, slot)
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, make())
+            setattr(self, slot, cache)
+        return cache[1]
+
+    def spectrum(self, size: int, sizes: tuple[int, ...]) -> Tensor:
+        """The kernel spectrum of the central size^d taps for FFT sizes `sizes`, (2, F, cin, cout) as
+        `medexp.nn.fftconv.kernel_spectrum`, straight from the parameters (`gabor_spectrum`); cached like
+        `kernel` without autograd."""
+        angles = tuple(getattr(self, name) for name in self.angle_names)
+        amplitudes = (self.a_re, self.a_im, self.f_re, self.f_im, self.psi)
+        make = lambda: gabor_spectrum(self.sigma, angles, *amplitudes, size, sizes)  # noqa: E731
+        return self._cached("_spectrum_cache", (size, tuple(sizes)), make)
+
     def kernel(self, size: int | None = None, channels_last: bool = True) -> Tensor:
         """The generated weight, (cout, cin, s, ..., s): its central s = size taps per axis (default all k),
         laid out channels-last or contiguous in memory (on CPU; elsewhere always contiguous).
@@ -251,14 +284,8 @@ class _GaborConvNd(nn.Module):
         size = self.kernel_size if size is None else size
         if size < 1 or size % 2 == 0 or size > self.kernel_size:
             raise ValueError(f"kernel size must be odd and at most {self.kernel_size}, got {size}")
-        params = [getattr(self, n) for n in self.param_names]
-        if torch.compiler.is_compiling() or self._params_record_grad():
-            return self._generate(size, channels_last)
-        key = (size, channels_last, *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
-        if self._kernel_cache is None or self._kernel_cache[0] != key:
-            with torch.no_grad():
-                self._kernel_cache = (key, self._generate(size, channels_last))
-        return self._kernel_cache[1]
+        make = lambda: self._generate(size, channels_last)  # noqa: E731
+        return self._cached("_kernel_cache", (size, channels_last), make)
 
     def _params_record_grad(self) -> bool:
         """Whether autograd records the kernel generation (grad mode on and a parameter trainable)."""
@@ -278,14 +305,23 @@ class _GaborConvNd(nn.Module):
                 f"{type(self).__name__} expects input (B, {self.in_channels}, *spatial) with "
                 f"{self.spatial_dims} spatial dims, got shape {tuple(x.shape)}"
             )
-        spatial = tuple(x.shape[2:])
-        taps = tuple(reach(self.kernel_size, n) for n in spatial)
+        taps = tuple(reach(self.kernel_size, n) for n in x.shape[2:])
         grad = self._params_record_grad() or (torch.is_grad_enabled() and x.requires_grad)
-        impl = resolve_impl(x, (self.out_channels, self.in_channels, *taps), grad, self.impl)
+        impl = resolve_impl(x, (self.out_channels, self.in_channels, *taps), grad, self.impl, self)
         if not torch.compiler.is_compiling():
             self.used_impl = impl  # what "auto" picked, for the run's record (medexp.train logs it)
-        # generated in the memory layout the implementation runs in, so that neither the weight nor its
-        # gradient is copied between layouts (such copies cost up to half a 7^3 convolution, see README)
+        return self.run_impl(impl, x)
+
+    def run_impl(self, impl: str, x: Tensor) -> Tensor:
+        """The convolution of x by `impl` (not "auto"), generation included: for fft the kernel spectrum
+        straight from the parameters (`spectrum`); otherwise the weight, generated in the memory layout the
+        implementation runs in, so that neither the weight nor its gradient is copied between layouts (such
+        copies cost up to half a 7^3 convolution, see README Performance)."""
+        spatial = tuple(x.shape[2:])
+        taps = tuple(reach(self.kernel_size, n) for n in spatial)
+        shape = (self.out_channels, self.in_channels, *taps)
+        if impl == "fft" and len(set(taps)) == 1:
+            return spectral_conv(x, shape, lambda sizes: self.spectrum(taps[0], sizes), self.bias)
         weight = self.kernel(max(taps), channels_last=weight_channels_last(x, impl))
         return same_conv(x, crop_to_reach(weight, spatial), self.bias, impl)
 

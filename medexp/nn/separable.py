@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from medexp.nn import native
+from medexp.nn.fftconv import kernel_spectrum
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -133,37 +134,59 @@ def _pointer(t: Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
+def _longs(*values: int) -> list[ctypes.c_long]:
+    """C longs (ctypes passes bare Python ints as int)."""
+    return [ctypes.c_long(v) for v in values]
+
+
+def _native_rows(params: list[Tensor], d: int) -> tuple[Tensor, Tensor]:
+    """q and e (csrc/rows_impl.h) from the (cout, cin) parameters, by the C kernel."""
+    lib, suffix = native.library(), _SUFFIX[params[0].dtype]
+    pairs = params[0].numel()
+    q = params[0].new_empty(row_length(d), pairs)  # one row per number, see csrc/rows_impl.h
+    e = params[0].new_empty(1 + 4 * d, pairs)  # exp(-s), cos and sin of every frequency
+    pointers = [_pointer(t) for t in params]
+    rows = getattr(lib, f"gabor_rows_{suffix}")
+    _run_chunked(rows, pairs, 1, *pointers, _pointer(q), _pointer(e), ctypes.c_long(pairs), d)
+    return q, e
+
+
+def _native_rows_backward(params: list[Tensor], dq: Tensor, d: int) -> list[Tensor]:
+    """The parameters' gradients from dL/dq, by the C kernel: [sigma, theta_y, theta_z, a_re, .., psi]."""
+    lib, suffix = native.library(), _SUFFIX[dq.dtype]
+    grads = [torch.empty_like(t) for t in params]
+    pointers = [_pointer(t) for t in params] + [_pointer(dq)] + [_pointer(t) for t in grads]
+    pairs = dq.shape[1]
+    rows_backward = getattr(lib, f"gabor_rows_backward_{suffix}")
+    _run_chunked(rows_backward, pairs, 1, *pointers, ctypes.c_long(pairs), d)
+    return grads
+
+
+def _contiguous_params(sigma, theta_y, theta_z, amplitudes) -> tuple[list[Tensor], int]:
+    """The 8 parameter tensors as the C kernels read them (2D repeats theta for the unused theta_z), and d."""
+    d = 3 if theta_z is not None else 2
+    params = [t.contiguous() for t in (sigma, theta_y, theta_z if d == 3 else theta_y, *amplitudes)]
+    return params, d
+
+
+def _param_grads(grads: list[Tensor], d: int) -> tuple:
+    """Gradients in the order of the Functions' parameter arguments (theta_z None in 2D)."""
+    return grads[0], grads[1], grads[2] if d == 3 else None, *grads[3:]
+
+
 class _NativeGabor(torch.autograd.Function):
     """`expand_torch(rows_torch(...))` by the C kernels: parameters -> q, e -> taps, and back."""
 
     @staticmethod
-    def forward(
-        ctx, k: int, channels_last: bool, sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi
-    ) -> Tensor:
-        lib, suffix = native.library(), _SUFFIX[sigma.dtype]
-        d = 3 if theta_z is not None else 2
-        params = [t.contiguous() for t in (sigma, theta_y, theta_z if d == 3 else theta_y)]
-        params += [t.contiguous() for t in (a_re, a_im, f_re, f_im, psi)]
+    def forward(ctx, k: int, channels_last: bool, sigma, theta_y, theta_z, *amplitudes) -> Tensor:
+        params, d = _contiguous_params(sigma, theta_y, theta_z, amplitudes)
+        q, e = _native_rows(params, d)
         (cout, cin), pairs = sigma.shape, sigma.numel()
-        q = sigma.new_empty(row_length(d), pairs)  # one row per number, see csrc/rows_impl.h
-        e = sigma.new_empty(1 + 4 * d, pairs)  # exp(-s), cos and sin of every frequency
-        pointers = [_pointer(t) for t in params]
-        size = ctypes.c_long(pairs)
-        rows = getattr(lib, f"gabor_rows_{suffix}")
-        _run_chunked(rows, pairs, 1, *pointers, _pointer(q), _pointer(e), size, d)
         # (cout, k.., cin) is the channels-last memory of the (cout, cin, k.., k) weight
         out = sigma.new_empty(cout, *[k] * d, cin) if channels_last else sigma.new_empty(cout, cin, *[k] * d)
-        args = (
-            _pointer(q),
-            _pointer(e),
-            _pointer(out),
-            size,
-            ctypes.c_long(cin),
-            d,
-            k,
-            int(not channels_last),
-        )
-        _run_chunked(getattr(lib, f"gabor_expand_{suffix}"), cout * -(-cin // BLOCK), BLOCK, *args)
+        args = (_pointer(q), _pointer(e), _pointer(out), *_longs(pairs, cin), d, k, int(not channels_last))
+        expand = getattr(native.library(), f"gabor_expand_{_SUFFIX[q.dtype]}")
+        _run_chunked(expand, cout * -(-cin // BLOCK), BLOCK, *args)
         ctx.save_for_backward(*params, q, e)
         ctx.k, ctx.d, ctx.channels_last = k, d, channels_last
         return out.movedim(-1, 1) if channels_last else out  # (cout, cin, k, .., k)
@@ -171,31 +194,52 @@ class _NativeGabor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         *params, q, e = ctx.saved_tensors
-        lib, suffix, d, k = native.library(), _SUFFIX[q.dtype], ctx.d, ctx.k
+        d, k = ctx.d, ctx.k
         (cout, cin), pairs = params[0].shape, params[0].numel()
         if ctx.channels_last:
             grad = grad.movedim(1, -1).contiguous()  # (cout, k.., cin): no copy when it is channels-last
         else:
             grad = grad.contiguous()  # (cout, cin, k..)
         dq = torch.empty_like(q)
-        size = ctypes.c_long(pairs)
         layout = int(not ctx.channels_last)
-        args = (
-            _pointer(q),
-            _pointer(e),
-            _pointer(grad),
-            _pointer(dq),
-            size,
-            ctypes.c_long(cin),
-            d,
-            k,
-            layout,
-        )
-        _run_chunked(getattr(lib, f"gabor_expand_backward_{suffix}"), cout * -(-cin // BLOCK), BLOCK, *args)
-        grads = [torch.empty_like(t) for t in params]  # sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi
-        pointers = [_pointer(t) for t in params] + [_pointer(dq)] + [_pointer(t) for t in grads]
-        _run_chunked(getattr(lib, f"gabor_rows_backward_{suffix}"), pairs, 1, *pointers, size, d)
-        return None, None, grads[0], grads[1], grads[2] if d == 3 else None, *grads[3:]
+        args = (_pointer(q), _pointer(e), _pointer(grad), _pointer(dq), *_longs(pairs, cin), d, k, layout)
+        expand_backward = getattr(native.library(), f"gabor_expand_backward_{_SUFFIX[q.dtype]}")
+        _run_chunked(expand_backward, cout * -(-cin // BLOCK), BLOCK, *args)
+        return None, None, *_param_grads(_native_rows_backward(params, dq, d), d)
+
+
+class _NativeGaborSpectrum(torch.autograd.Function):
+    """`kernel_spectrum(expand_torch(rows_torch(...)), sizes)` by the C kernels (csrc/spectrum_impl.h):
+    parameters -> q, e -> the conjugate spectrum of the zero-padded kernels, and back."""
+
+    @staticmethod
+    def forward(ctx, k: int, sizes: tuple[int, ...], sigma, theta_y, theta_z, *amplitudes) -> Tensor:
+        params, d = _contiguous_params(sigma, theta_y, theta_z, amplitudes)
+        q, e = _native_rows(params, d)
+        (cout, cin), pairs = sigma.shape, sigma.numel()
+        freqs = math.prod(sizes[:-1]) * (sizes[-1] // 2 + 1)
+        out = sigma.new_empty(2, freqs, cin, cout)
+        c_sizes = (ctypes.c_long * d)(*sizes)
+        args = (_pointer(q), _pointer(e), _pointer(out), *_longs(pairs, cin, cout), d, k, c_sizes)
+        spectrum = getattr(native.library(), f"gabor_spectrum_{_SUFFIX[q.dtype]}")
+        _run_chunked(spectrum, cin * -(-cout // BLOCK), BLOCK, *args)
+        ctx.save_for_backward(*params, q, e)
+        ctx.k, ctx.d, ctx.sizes = k, d, sizes
+        return out  # (re/im, F, cin, cout)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        *params, q, e = ctx.saved_tensors
+        d, k = ctx.d, ctx.k
+        (cout, cin), pairs = params[0].shape, params[0].numel()
+        grad = grad.contiguous()
+        dq = torch.empty_like(q)
+        c_sizes = (ctypes.c_long * d)(*ctx.sizes)
+        pointers = (_pointer(q), _pointer(e), _pointer(grad), _pointer(dq))
+        args = (*pointers, *_longs(pairs, cin, cout), d, k, c_sizes)
+        spectrum_backward = getattr(native.library(), f"gabor_spectrum_backward_{_SUFFIX[q.dtype]}")
+        _run_chunked(spectrum_backward, cin * -(-cout // BLOCK), BLOCK, *args)
+        return None, None, *_param_grads(_native_rows_backward(params, dq, d), d)
 
 
 def native_available(t: Tensor) -> bool:
@@ -224,3 +268,21 @@ def gabor_weight(
         theta_z = angles[1] if len(angles) == 2 else None
         return _NativeGabor.apply(k, channels_last, sigma, angles[0], theta_z, *amplitudes)
     return expand_torch(rows_torch(sigma, angles, *amplitudes), k)
+
+
+def gabor_spectrum(
+    sigma, angles: tuple[Tensor, ...], a_re, a_im, f_re, f_im, psi, k: int, sizes: tuple[int, ...]
+) -> Tensor:
+    """The kernel spectrum `medexp.nn.fftconv.kernel_spectrum(W, sizes)` of the weight W = `gabor_weight(...,
+    k)`, (2, F, cin, cout): on CPU straight from the separable factors by the C kernels (no k^d taps, no
+    pruned DFT over them), elsewhere through W. Differentiable in all parameters.
+    """
+    if k < 1 or k % 2 == 0:
+        raise ValueError(f"Gabor kernel size must be a positive odd integer, got {k}")
+    if len(sizes) != len(angles) + 1 or min(sizes) < 4 or any(n % 2 for n in sizes):
+        raise ValueError(f"gabor_spectrum: sizes must be even FFT lengths >= 4, one per axis, got {sizes}")
+    amplitudes = (a_re, a_im, f_re, f_im, psi)
+    if native_available(sigma):
+        theta_z = angles[1] if len(angles) == 2 else None
+        return _NativeGaborSpectrum.apply(k, tuple(sizes), sigma, angles[0], theta_z, *amplitudes)
+    return kernel_spectrum(expand_torch(rows_torch(sigma, angles, *amplitudes), k), tuple(sizes))

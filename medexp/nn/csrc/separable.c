@@ -1,4 +1,5 @@
-/* float32 and float64 instances of rows_impl.h and separable_impl.h; built and loaded by medexp/nn/native.py. */
+/* float32 and float64 instances of rows_impl.h, separable_impl.h and spectrum_impl.h; built and loaded by
+ * medexp/nn/native.py. */
 
 #include <math.h>
 #include <stdlib.h>
@@ -43,6 +44,15 @@ double exp(double) __attribute__((const));
 #define EXP expf
 #include "rows_impl.h"
 #include "separable_impl.h"
+#include "spectrum_impl.h"
+#undef WORKSPACE
+#undef LOAD
+#undef FACTORS
+#undef PLANE
+#undef PREPARE
+#undef FACTORS_BACKWARD
+#undef FAC
+#undef PL
 #undef REAL
 #undef FN
 #undef SIN
@@ -56,6 +66,15 @@ double exp(double) __attribute__((const));
 #define EXP exp
 #include "rows_impl.h"
 #include "separable_impl.h"
+#include "spectrum_impl.h"
+#undef WORKSPACE
+#undef LOAD
+#undef FACTORS
+#undef PLANE
+#undef PREPARE
+#undef FACTORS_BACKWARD
+#undef FAC
+#undef PL
 #undef REAL
 #undef FN
 #undef SIN

@@ -33,6 +33,7 @@
 #define FACTORS FN(factors)
 #define PLANE FN(plane)
 #define PREPARE FN(prepare_block)
+#define FACTORS_BACKWARD FN(factors_backward)
 /* offsets into the block's arrays: factor (axis j, tap a, term t, re/im ri) and plane entry (term t, m) */
 #define FAC(j, a, t, ri) (((((j) * k + (a)) * 2 + (t)) * 2 + (ri)) * BW)
 #define PL(t, m) (((t) * plane + (m)) * BW)
@@ -62,10 +63,11 @@ static REAL *WORKSPACE(FN(work) * w, int d, int k) {
     return base;
 }
 
-/* dst[c * BW + l] = src[c * pairs + p0 + l] for l < n; lanes past n repeat the last pair (finite values). */
-static void LOAD(const REAL *src, long cols, long pairs, long p0, int n, REAL *dst) {
+/* dst[c * BW + l] = src[c * pairs + p0 + l * step] for l < n (lanes `step` pairs apart); lanes past n repeat
+ * the last pair (finite values). */
+static void LOAD(const REAL *src, long cols, long pairs, long p0, long step, int n, REAL *dst) {
     for (long c = 0; c < cols; c++)
-        for (int l = 0; l < BW; l++) dst[c * BW + l] = src[c * pairs + p0 + (l < n ? l : n - 1)];
+        for (int l = 0; l < BW; l++) dst[c * BW + l] = src[c * pairs + p0 + (l < n ? l : n - 1) * step];
 }
 
 /* phi from es, and fac = phi with the last axis multiplied by c_t. Only products: g(r) = exp(-s)^(r^2) by
@@ -129,11 +131,47 @@ static int PREPARE(const REAL *q, const REAL *e, long pairs, long cin, int d, in
     const long blocks_per_o = (cin + BW - 1) / BW;
     *o = block / blocks_per_o, *i0 = (block % blocks_per_o) * BW, *p0 = *o * cin + *i0;
     const int n = cin - *i0 < BW ? (int)(cin - *i0) : BW;
-    LOAD(q, 1 + 2 * d + 4, pairs, *p0, n, w->qs);
-    LOAD(e, 1 + 4 * d, pairs, *p0, n, w->es);
+    LOAD(q, 1 + 2 * d + 4, pairs, *p0, 1, n, w->qs);
+    LOAD(e, 1 + 4 * d, pairs, *p0, 1, n, w->es);
     FACTORS(w->qs, w->es, w->phi, w->fac, d, k);
     PLANE(w->fac, d, k, w->yr, w->yi);
     return n;
+}
+
+/* The factors' gradient (w->dfac: every axis, the last one with respect to c_t phi) -> w->dqs, by steps 2b
+ * and 3 of the backward below: c off the last axis, then onto s and the frequencies. Overwrites the last
+ * axis of w->dfac with dL/dphi. */
+static void FACTORS_BACKWARD(FN(work) * w, int d, int k) {
+    const int h = k / 2;
+    REAL *dc = w->dqs + (1 + 2 * d) * BW; /* step 2b */
+    for (int i = 0; i < 4 * BW; i++) dc[i] = 0;
+    for (int a = 0; a < k; a++)
+        for (int t = 0; t < 2; t++) {
+            REAL *df = w->dfac + FAC(d - 1, a, t, 0), *dcr = dc + t * 2 * BW, *dci = dcr + BW;
+            const REAL *ph = w->phi + FAC(d - 1, a, t, 0), *cr = w->qs + (1 + 2 * d + t * 2) * BW, *ci = cr + BW;
+#pragma omp simd
+            for (int l = 0; l < BW; l++) {
+                const REAL fr = df[l], fi = df[BW + l];
+                dcr[l] += fr * ph[l] + fi * ph[BW + l], dci[l] += fi * ph[l] - fr * ph[BW + l];
+                df[l] = fr * cr[l] + fi * ci[l], df[BW + l] = fi * cr[l] - fr * ci[l];
+            }
+        }
+    /* step 3 */
+    REAL *ds = w->dqs;
+    for (int l = 0; l < BW; l++) ds[l] = 0;
+    for (int jt = 0; jt < 2 * d; jt++) {
+        REAL *dw = w->dqs + (1 + jt) * BW;
+        for (int l = 0; l < BW; l++) dw[l] = 0;
+        for (int a = 0; a < k; a++) {
+            const REAL *ph = w->phi + FAC(jt / 2, a, jt % 2, 0), *df = w->dfac + FAC(jt / 2, a, jt % 2, 0);
+            const REAL r = a - h;
+#pragma omp simd
+            for (int l = 0; l < BW; l++) {
+                ds[l] -= r * r * (df[l] * ph[l] + df[BW + l] * ph[BW + l]);
+                dw[l] += r * (df[BW + l] * ph[l] - df[l] * ph[BW + l]);
+            }
+        }
+    }
 }
 
 /* Forward: the taps of blocks b0 <= block < b1 (block = o * ceil(cin / BW) + i / BW) into out; 0, or 1 when
@@ -188,7 +226,7 @@ int FN(gabor_expand)(const REAL *q, const REAL *e, REAL *out, long pairs, long c
  *      dL/ds = -sum r_a^2 Re(dphi conj(phi)),  dL/dw_jt = sum_a r_a Im(dphi conj(phi)). */
 int FN(gabor_expand_backward)(const REAL *q, const REAL *e, const REAL *grad, REAL *dq, long pairs, long cin,
                               int d, int k, int contiguous, long b0, long b1) {
-    const int plane = (d == 3 ? k : 1) * k, taps = k * plane, nq = 1 + 2 * d + 4, h = k / 2;
+    const int plane = (d == 3 ? k : 1) * k, taps = k * plane, nq = 1 + 2 * d + 4;
     FN(work) w;
     REAL *base = WORKSPACE(&w, d, k);
     if (!base) return 1; /* out of memory: the caller raises */
@@ -234,7 +272,7 @@ int FN(gabor_expand_backward)(const REAL *q, const REAL *e, const REAL *grad, RE
             for (int l = 0; l < BW; l++)
                 dz[l] = s0r[l], dz[BW + l] = -s0i[l], dz[2 * BW + l] = s1r[l], dz[3 * BW + l] = -s1i[l];
         }
-        /* step 2: the plane onto its axes (the middle one only in 3D), then c off the last axis */
+        /* step 2: the plane onto its axes (the middle one only in 3D); then step 2b (c off the last axis) and 3 */
         for (int c = 0; c < k; c++)
             for (int t = 0; t < 2; t++)
                 for (int l = 0; l < 2 * BW; l++) w.dfac[FAC(d - 1, c, t, 0) + l] = 0;
@@ -261,35 +299,7 @@ int FN(gabor_expand_backward)(const REAL *q, const REAL *e, const REAL *grad, RE
                     for (int l = 0; l < BW; l++) du[l] = dur[l], du[BW + l] = dui[l];
                 }
             }
-        REAL *dc = w.dqs + (1 + 2 * d) * BW;
-        for (int i = 0; i < 4 * BW; i++) dc[i] = 0;
-        for (int a = 0; a < k; a++)
-            for (int t = 0; t < 2; t++) {
-                REAL *df = w.dfac + FAC(d - 1, a, t, 0), *dcr = dc + t * 2 * BW, *dci = dcr + BW;
-                const REAL *ph = w.phi + FAC(d - 1, a, t, 0), *cr = w.qs + (1 + 2 * d + t * 2) * BW, *ci = cr + BW;
-#pragma omp simd
-                for (int l = 0; l < BW; l++) {
-                    const REAL fr = df[l], fi = df[BW + l];
-                    dcr[l] += fr * ph[l] + fi * ph[BW + l], dci[l] += fi * ph[l] - fr * ph[BW + l];
-                    df[l] = fr * cr[l] + fi * ci[l], df[BW + l] = fi * cr[l] - fr * ci[l];
-                }
-            }
-        /* step 3 */
-        REAL *ds = w.dqs;
-        for (int l = 0; l < BW; l++) ds[l] = 0;
-        for (int jt = 0; jt < 2 * d; jt++) {
-            REAL *dw = w.dqs + (1 + jt) * BW;
-            for (int l = 0; l < BW; l++) dw[l] = 0;
-            for (int a = 0; a < k; a++) {
-                const REAL *ph = w.phi + FAC(jt / 2, a, jt % 2, 0), *df = w.dfac + FAC(jt / 2, a, jt % 2, 0);
-                const REAL r = a - h;
-#pragma omp simd
-                for (int l = 0; l < BW; l++) {
-                    ds[l] -= r * r * (df[l] * ph[l] + df[BW + l] * ph[BW + l]);
-                    dw[l] += r * (df[BW + l] * ph[l] - df[l] * ph[BW + l]);
-                }
-            }
-        }
+        FACTORS_BACKWARD(&w, d, k);
         for (int l = 0; l < n; l++)
             for (int c = 0; c < nq; c++) dq[c * pairs + p0 + l] = w.dqs[c * BW + l];
     }
@@ -297,11 +307,3 @@ int FN(gabor_expand_backward)(const REAL *q, const REAL *e, const REAL *grad, RE
     free(base);
     return 0;
 }
-
-#undef WORKSPACE
-#undef LOAD
-#undef FACTORS
-#undef PLANE
-#undef PREPARE
-#undef FAC
-#undef PL
