@@ -30,6 +30,7 @@ shape and remembers the fastest.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from functools import lru_cache
@@ -163,8 +164,8 @@ def _channel_product(x: Tensor, w: Tensor) -> Tensor:
     x: (F, T, cin, 2) as real (re, im) pairs and w: (2, F, cin, cout) real and imaginary parts; returns
     (F, T, cout, 2). Both forms are real batched GEMMs per frequency, so autograd never meets a complex
     matmul (slow conjugate paths on CPU); they differ in which side is rearranged:
-    - rows [x_re; x_im] (F, 2T, cin) times w_re and times w_im (views), then `_Combine` adds the four
-      products into x_re w_re - x_im w_im and x_re w_im + x_im w_re: copies of the input spectrum;
+    - rows [x_re; x_im] (F, 2T, cin) times w_re and times w_im (views), combined into x_re w_re - x_im w_im
+      and x_re w_im + x_im w_re (`_RowsProduct`): copies of the input spectrum;
     - the interleaved input (F, T, 2 cin), a free view, times the block [[w_re, w_im], [-w_im, w_re]]
       (F, 2 cin, 2 cout): copies of four times the kernel spectrum.
     The cheaper one by copied volume (measured at levels 0-2 of the 64^3 network): rows when many channel
@@ -172,35 +173,47 @@ def _channel_product(x: Tensor, w: Tensor) -> Tensor:
     """
     freqs, tiles, cin, _ = x.shape
     cout = w.shape[-1]
-    w_re, w_im = w.unbind(0)  # (F, cin, cout) each
     if tiles * (cin + cout) < 2 * cin * cout:
         rows = x.permute(0, 3, 1, 2).reshape(freqs, 2 * tiles, cin)  # (F, [re; im] T, cin)
-        return _Combine.apply(torch.bmm(rows, w_re), torch.bmm(rows, w_im))  # (F, T, cout, 2)
+        return _RowsProduct.apply(rows, w)  # (F, T, cout, 2)
+    w_re, w_im = w.unbind(0)  # (F, cin, cout) each
     block = torch.stack([torch.stack([w_re, w_im], -1), torch.stack([-w_im, w_re], -1)], -3)
     out = torch.bmm(x.reshape(freqs, tiles, 2 * cin), block.reshape(freqs, 2 * cin, 2 * cout))
     return out.view(freqs, tiles, cout, 2)
 
 
-class _Combine(torch.autograd.Function):
-    """a = [x_re; x_im] w_re and b = [x_re; x_im] w_im, each (F, 2T, cout) -> the complex product
-    (F, T, cout, 2) = (x_re w_re - x_im w_im, x_re w_im + x_im w_re), with a backward that writes each
-    gradient half once (autograd's slice backwards zero-fill whole tensors and add)."""
+class _RowsProduct(torch.autograd.Function):
+    """rows = [x_re; x_im] (F, 2T, cin) and w = (w_re, w_im) (2, F, cin, cout) -> the complex product
+    (F, T, cout, 2) = (x_re w_re - x_im w_im, x_re w_im + x_im w_re), from a = rows w_re and b = rows w_im.
+    Written out so that the backward writes the kernel spectrum's gradient halves in place (autograd's
+    unbind backward stacks them, a copy as large as the spectrum) and each half of the product's gradient
+    once (autograd's slice backwards zero-fill whole tensors and add)."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
-        tiles = a.shape[1] // 2
+    def forward(ctx, rows: Tensor, w: Tensor) -> Tensor:
+        ctx.save_for_backward(rows, w)
+        a, b = torch.bmm(rows, w[0]), torch.bmm(rows, w[1])  # (F, 2T, cout) each
+        tiles = rows.shape[1] // 2
         return torch.stack([a[:, :tiles] - b[:, tiles:], b[:, :tiles] + a[:, tiles:]], -1)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        rows, w = ctx.saved_tensors
         g_re, g_im = grad[..., 0], grad[..., 1]  # (F, T, cout) each
         tiles = grad.shape[1]
-        grad_a = grad.new_empty(grad.shape[0], 2 * tiles, grad.shape[2])
-        grad_b = torch.empty_like(grad_a)
+        grad_a = grad.new_empty(grad.shape[0], 2 * tiles, grad.shape[2])  # dL/da = [g_re; g_im]
+        grad_b = torch.empty_like(grad_a)  # dL/db = [g_im; -g_re]
         grad_a[:, :tiles], grad_a[:, tiles:] = g_re, g_im
         grad_b[:, :tiles] = g_im
         torch.neg(g_re, out=grad_b[:, tiles:])
-        return grad_a, grad_b
+        grad_rows = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_rows = torch.bmm(grad_a, w[0].transpose(1, 2)).baddbmm_(grad_b, w[1].transpose(1, 2))
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.empty_like(w)
+            torch.bmm(rows.transpose(1, 2), grad_a, out=grad_w[0])
+            torch.bmm(rows.transpose(1, 2), grad_b, out=grad_w[1])
+        return grad_rows, grad_w
 
 
 def _tiles(x: Tensor, axes, halves) -> Tensor:
@@ -217,7 +230,7 @@ def _tiles(x: Tensor, axes, halves) -> Tensor:
 class _Tiles(torch.autograd.Function):
     """Overlap-save tiles as one strided copy, tile axes last (the FFT runs over trailing axes, measured
     2x faster than over leading ones for this forward transform); backward overlap-adds the tile gradients
-    axis by axis (one copy and one add per axis, instead of autograd's zero-filled slice gradients)."""
+    (`_overlap_add`)."""
 
     @staticmethod
     def forward(ctx, padded: Tensor, axes) -> Tensor:
@@ -230,24 +243,34 @@ class _Tiles(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        d = len(ctx.axes)
-        names = [f"n{j}" for j in range(d)] + ["B", "C"] + [f"P{j}" for j in range(d)]
-        for j, (size, valid, count) in enumerate(ctx.axes):
-            grad = grad.movedim((names.index(f"n{j}"), names.index(f"P{j}")), (0, 1))  # (nt_j, P_j, ...)
-            names = [f"L{j}"] + [n for n in names if n not in (f"n{j}", f"P{j}")]
-            if count == 1:
-                grad = grad[0]  # (P_j = L_j, ...)
-                continue
-            rest = grad.shape[2:]
-            out = grad.new_empty((count + 1) * valid, *rest)  # (L_j, ...)
-            out[: count * valid].view(count, valid, *rest).copy_(grad[:, :valid])
-            out[count * valid :].zero_()
-            out[valid : (count + 1) * valid].view(count, valid, *rest)[:, : size - valid].add_(
-                grad[:, valid:]
-            )
-            grad = out
-        order = [names.index(n) for n in [*(f"L{j}" for j in range(d)), "B", "C"]]
-        return grad.permute(*order), None  # (*L, B, cin)
+        return _overlap_add(grad, ctx.axes), None
+
+
+def _overlap_add(grad: Tensor, axes) -> Tensor:
+    """The tiles' gradient (nt_0.., B, cin, P_0..) summed back onto the padded input (*L, B, cin).
+
+    Along an axis tile t covers t v .. t v + P - 1 (v valid outputs per tile): its first v entries do not
+    overlap any other tile's first v, nor its last P - v (< v) entries any other tile's last P - v. So for
+    each choice of part (first v, or last P - v) per axis the tiles' parts are one strided view of the
+    result without self-overlap, and the whole backward is 2^d in-place adds (a single tile: one part). The
+    adds read the tile axes contiguously and write channels-innermost, the layout of the padded input.
+    """
+    d = len(axes)
+    lengths = [size if count == 1 else (count + 1) * valid for size, valid, count in axes]
+    out = grad.new_zeros(*lengths, *grad.shape[d : d + 2])  # (*L, B, cin)
+    steps, channel_strides = out.stride()[:d], list(out.stride()[d:])
+    parts = [[(0, p)] if count == 1 else [(0, valid), (valid, p - valid)] for p, valid, count in axes]
+    for choice in itertools.product(*parts):  # (start, length) in the tile per axis
+        offset = sum(start * step for (start, _), step in zip(choice, steps, strict=True))
+        size, stride = [], []
+        for (_, length), (_, valid, count), step in zip(choice, axes, steps, strict=True):
+            size += [count, length]
+            stride += [valid * step, step]
+        target = out.as_strided(size + list(out.shape[d:]), stride + channel_strides, offset)
+        source = grad[(..., *[slice(start, start + length) for start, length in choice])]
+        order = [i for j in range(d) for i in (j, d + 2 + j)] + [d, d + 1]  # (nt_0, P_0, .., B, cin)
+        target.add_(source.permute(*order))
+    return out
 
 
 def _untile(y: Tensor, axes, spatial) -> Tensor:
