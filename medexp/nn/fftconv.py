@@ -176,10 +176,39 @@ def _channel_product(x: Tensor, w: Tensor) -> Tensor:
     if tiles * (cin + cout) < 2 * cin * cout:
         rows = x.permute(0, 3, 1, 2).reshape(freqs, 2 * tiles, cin)  # (F, [re; im] T, cin)
         return _RowsProduct.apply(rows, w)  # (F, T, cout, 2)
-    w_re, w_im = w.unbind(0)  # (F, cin, cout) each
-    block = torch.stack([torch.stack([w_re, w_im], -1), torch.stack([-w_im, w_re], -1)], -3)
-    out = torch.bmm(x.reshape(freqs, tiles, 2 * cin), block.reshape(freqs, 2 * cin, 2 * cout))
-    return out.view(freqs, tiles, cout, 2)
+    return _BlockProduct.apply(x.reshape(freqs, tiles, 2 * cin), w).view(freqs, tiles, cout, 2)
+
+
+class _BlockProduct(torch.autograd.Function):
+    """x (F, T, 2 cin), (re, im) interleaved per input channel, and w = (w_re, w_im) (2, F, cin, cout) -> the
+    complex product (F, T, 2 cout) as one GEMM per frequency with the real block [[w_re, w_im], [-w_im,
+    w_re]] (F, 2 cin, 2 cout). The block is written in one buffer and its gradient folded straight into
+    the kernel spectrum's (autograd's stacks cost three copies forward and a stack of the gradient halves
+    backward)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
+        _, freqs, cin, cout = w.shape
+        block = w.new_empty(freqs, cin, 2, cout, 2)  # (F, i, x re/im, o, out re/im)
+        block[:, :, 0, :, 0], block[:, :, 0, :, 1], block[:, :, 1, :, 1] = w[0], w[1], w[0]
+        torch.neg(w[1], out=block[:, :, 1, :, 0])
+        block = block.view(freqs, 2 * cin, 2 * cout)
+        ctx.save_for_backward(x, block)
+        return torch.bmm(x, block)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x, block = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.bmm(grad, block.transpose(1, 2))
+        if ctx.needs_input_grad[1]:
+            freqs, cin2, cout2 = block.shape
+            g = torch.bmm(x.transpose(1, 2), grad).view(freqs, cin2 // 2, 2, cout2 // 2, 2)
+            grad_w = g.new_empty(2, freqs, cin2 // 2, cout2 // 2)
+            torch.add(g[:, :, 0, :, 0], g[:, :, 1, :, 1], out=grad_w[0])  # w_re at (re, re) and (im, im)
+            torch.sub(g[:, :, 0, :, 1], g[:, :, 1, :, 0], out=grad_w[1])  # w_im at (re, im), -w_im (im, re)
+        return grad_x, grad_w
 
 
 class _RowsProduct(torch.autograd.Function):
@@ -222,7 +251,7 @@ def _tiles(x: Tensor, axes, halves) -> Tensor:
     t = x.permute(*range(2, 2 + d), 0, 1)  # (*S, B, cin)
     pad = []
     for n, h, (size, valid, count) in zip(t.shape[:d], halves, axes, strict=True):
-        length = size if count == 1 else (count + 1) * valid  # room for the last tile's tail
+        length = (count - 1) * valid + size  # to the end of the last tile
         pad = [h, length - n - h, *pad]
     return _Tiles.apply(F.pad(t, [0, 0, 0, 0, *pad]), axes)  # from (*L, B, cin)
 
@@ -256,7 +285,7 @@ def _overlap_add(grad: Tensor, axes) -> Tensor:
     adds read the tile axes contiguously and write channels-innermost, the layout of the padded input.
     """
     d = len(axes)
-    lengths = [size if count == 1 else (count + 1) * valid for size, valid, count in axes]
+    lengths = [(count - 1) * valid + size for size, valid, count in axes]  # as `_tiles` pads
     out = grad.new_zeros(*lengths, *grad.shape[d : d + 2])  # (*L, B, cin)
     steps, channel_strides = out.stride()[:d], list(out.stride()[d:])
     parts = [[(0, p)] if count == 1 else [(0, valid), (valid, p - valid)] for p, valid, count in axes]

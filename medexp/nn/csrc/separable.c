@@ -35,7 +35,7 @@ double exp(double) __attribute__((const));
 #endif
 
 #define BW 16 /* pairs per block: one AVX-512 register of floats */
-#define PREFETCH 16 /* taps ahead */
+#define PREFETCH 48 /* taps ahead (backward; 16 -> 48: 192x192 layer 5.6 -> 5.2 ms) */
 
 #define REAL float
 #define FN(name) name##_f32
