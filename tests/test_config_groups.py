@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from medexp import build
 from medexp.config import group_choices
+from medexp.nn.fftconv import IMPLS
 from medexp.overrides import compose_config
 
 KERNELS, HEADS, MODELS = group_choices("kernel"), group_choices("head"), group_choices("model")
@@ -69,7 +70,7 @@ def test_every_kernel_and_head_trains_one_epoch_on_demo_data(workdir: Path):
     assert impls["conventional"] is None
     for kernel, convs in (("gabor", 21), ("mixed", 15)):
         counts = dict(item.split(":") for item in impls[kernel].split(","))
-        assert set(counts) <= {"direct", "fft", "gemm"} and sum(map(int, counts.values())) == convs, impls
+        assert set(counts) <= set(IMPLS) - {"auto"} and sum(map(int, counts.values())) == convs, impls
 
 
 def test_every_loss_trains_one_epoch_on_demo_data(workdir: Path):
