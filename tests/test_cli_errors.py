@@ -15,7 +15,7 @@ from conftest import TINY, run_medexp
         ("split=7", "split=7: expected an integer in 0..4"),
         ("lr=abc", "lr"),
         ("dataset.num_cases=2", "dataset.num_cases=2: expected an integer >= 3"),
-        ("kernel.impl=fast", "kernel.impl=fast: expected one of auto, direct, fft, gemm"),
+        ("kernel.impl=fast", "kernel.impl=fast: expected one of auto, direct, direct_contiguous, fft, gemm"),
     ],
 )
 def test_bad_override_is_one_line(tmp_path: Path, override: str, expected: str):

@@ -157,6 +157,11 @@ def test_kernel_cache_in_eval_only():
         contiguous = conv.kernel(channels_last=False)
         assert contiguous.is_contiguous() and contiguous is not third  # the layout is in the cache key
         torch.testing.assert_close(contiguous, third, rtol=0, atol=0)
+        spectrum = conv.spectrum(5, (8, 8, 8))
+        assert spectrum is conv.spectrum(5, (8, 8, 8)) and conv._kernel_cache is None  # one cache at a time
+        torch.testing.assert_close(spectrum, kernel_spectrum(contiguous, (8, 8, 8)))
+    conv.kernel()  # training: nothing cached, nothing kept
+    assert conv._kernel_cache is None and conv._spectrum_cache is None
 
 
 def test_auto_choice_is_measured_once_and_cached(monkeypatch):

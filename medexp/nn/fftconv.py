@@ -19,9 +19,11 @@ Implementation:
 - Complex products are real GEMMs per frequency, in one of two arrangements (see `_channel_product`), so
   autograd never meets complex matmuls (slow conjugate paths on CPU).
 - The kernel spectrum is a pruned DFT: the k taps are transformed axis by axis with (P x k) DFT matrices,
-  cheaper than an FFT of the zero-padded kernel when k << P.
-- Autograd runs through torch.fft and the GEMMs, except two hand-written backwards that avoid slow generic
-  ones: rfftn's (a c2r transform instead of a full-size c2c) and the tiling's (overlap-add).
+  cheaper than an FFT of the zero-padded kernel when k << P. `spectral_conv` takes the spectrum from a
+  function instead (the Gabor layers build it from their parameters, `medexp.nn.separable.gabor_spectrum`).
+- Autograd runs through torch.fft and the GEMMs, except hand-written backwards that avoid slow generic
+  ones: rfftn's (a c2r transform instead of a full-size c2c), the tiling's (overlap-add) and the channel
+  products' (gradients written in place).
 
 `gemm_conv` (im2col + one GEMM) serves small volumes; `same_conv(..., impl)` dispatches between these and
 F.conv{2,3}d (in the input's memory layout, or contiguous), and `choose_impl` ("auto") times them once per

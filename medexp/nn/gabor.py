@@ -251,13 +251,16 @@ class _GaborConvNd(nn.Module):
     def _cached(self, slot: str, key: tuple, make: Callable[[], Tensor]) -> Tensor:
         """make() while autograd records (training); else cached in attribute `slot` until a parameter
         changes: the key holds every Gabor parameter's storage and version counter, which in-place updates
-        (optimiser steps, load_state_dict, .to()) advance or replace."""
+        (optimiser steps, load_state_dict, .to()) advance or replace. One cached tensor per layer at a time
+        (a weight or a kernel spectrum, up to ~100 MB on the deepest level), none while training."""
         if torch.compiler.is_compiling() or self._params_record_grad():
+            self._kernel_cache = self._spectrum_cache = None  # stale after the next optimiser step anyway
             return make()
         params = [getattr(self, n) for n in self.param_names]
         key = (*key, *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
         cache = getattr(self, slot)
         if cache is None or cache[0] != key:
+            self._kernel_cache = self._spectrum_cache = None  # free the old one before making the new one
             with torch.no_grad():
                 cache = (key, make())
             setattr(self, slot, cache)

@@ -1,4 +1,5 @@
-"""Separable generation of Gabor kernels: from eq. 2's parameters per channel pair to its k^d taps.
+"""Separable generation of Gabor kernels: from eq. 2's parameters per channel pair to its k^d taps (or to
+the kernel spectrum).
 
 medexp.nn.gabor writes every kernel of Wong & Moradi's eq. 2 as the real part of two rank-1 complex tensors
 (terms t = cosine, sine), per channel pair (o, i):
@@ -20,6 +21,10 @@ ranges of pairs on `torch.get_num_threads()` threads), writing the weight in the
 convolution runs in (channels-last, or contiguous for `direct_contiguous`, see medexp.nn.fftconv), which
 is also the layout its weight gradient arrives in. Elsewhere (CUDA, Dynamo tracing, no C compiler) it runs
 the PyTorch operations.
+
+For FFT convolutions `gabor_spectrum` gives the kernel spectrum that medexp.nn.fftconv.kernel_spectrum
+would compute from the taps, straight from q (csrc/spectrum_impl.h: four rank-1 terms in the 1D transforms
+of the factors per pair), forward and backward; elsewhere through the taps.
 """
 
 from __future__ import annotations
