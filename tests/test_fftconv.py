@@ -205,12 +205,13 @@ def test_small_volumes_use_only_the_taps_that_reach_them(impl, spatial):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
-def test_gabor_layer_on_volumes_smaller_than_its_kernel():
-    # GaborConv3d generates only the central 3^3 taps for 2^3 voxels and 1 tap for 1^3: same result as
-    # nn.Conv3d with the whole generated 7^3 kernel.
+@pytest.mark.parametrize("impl", ["direct", "direct_contiguous", "fft", "gemm"])
+def test_gabor_layer_on_volumes_smaller_than_its_kernel(impl):
+    # GaborConv3d generates only the central 3^3 taps (or their spectrum, for fft) for 2^3 voxels and 1 tap
+    # for 1^3: same result as nn.Conv3d with the whole generated 7^3 kernel; (2, 5, 1) crops per axis.
     torch.manual_seed(9)
-    layer = GaborConv3d(3, 4, 7, impl="direct").double()
-    for n in (1, 2, 3):
-        x = torch.randn(2, 3, n, n, n, dtype=torch.float64)
+    layer = GaborConv3d(3, 4, 7, impl=impl).double()
+    for shape in ((1, 1, 1), (2, 2, 2), (3, 3, 3), (2, 5, 1)):
+        x = torch.randn(2, 3, *shape, dtype=torch.float64)
         want = F.conv3d(x, layer.kernel().detach(), layer.bias.detach(), padding=3)
         torch.testing.assert_close(layer(x), want, rtol=1e-10, atol=1e-10)
