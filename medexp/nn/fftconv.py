@@ -401,8 +401,9 @@ _AUTO_CHOICE: dict[tuple, str] = {}  # auto_key(...) -> impl
 
 def direct_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """F.conv{2,3}d with 'same' padding k // 2; the kernel takes x's memory format (oneDNN is fastest when
-    input and weight are both channels-last, and then returns channels-last)."""
-    if _format_of(x) != torch.contiguous_format:
+    input and weight are both channels-last, and then returns channels-last), by the same rule as the
+    weights GaborConv generates for it (`weight_channels_last`)."""
+    if weight_channels_last(x, "direct"):
         weight = channels_last_weight(weight)
     conv = F.conv3d if x.dim() == 5 else F.conv2d
     return conv(x, weight, bias, padding=[k // 2 for k in weight.shape[2:]])
