@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medexp.nn import fftconv
+from medexp.nn import fftconv, gabor
 from medexp.nn.fftconv import (
     _format_of,
     choose_impl,
@@ -93,6 +93,9 @@ def test_plan_tiles():
     assert plan_tiles((9, 9, 9), (7, 7, 7), 3, 4) == ((12, 9, 1),) * 3  # one tile: 12 >= 9 + 3
     axes = plan_tiles((20, 5), (7, 7), 3, 4, tile=12)
     assert axes == ((12, 6, 4), (8, 5, 1))  # 6 valid outputs per 12-tile; 5 + 3 fits one FFT of 8
+    # a product that builds its own spectrum has no spectrum to share between tiles: one tile of 20 >= 16 + 3
+    assert plan_tiles((16, 16, 16), (7, 7, 7), 48, 48, fused_tiles=4) == ((20, 16, 1),) * 3
+    assert plan_tiles((16, 16, 16), (7, 7, 7), 48, 48) != ((20, 16, 1),) * 3  # stored: smaller tiles
     with pytest.raises(ValueError, match="odd"):
         fft_conv(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 4, 4))
     with pytest.raises(ValueError, match="do not match"):
@@ -119,7 +122,9 @@ def test_fused_generation_matches_formula(size):
 
 @pytest.mark.parametrize("cls, shape", [(GaborConv3d, (2, 3, 9, 10, 11)), (GaborConv2d, (2, 3, 21, 17))])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_gabor_fft_and_gemm_equal_direct(cls, shape, channels_last):
+@pytest.mark.parametrize("fused_max_tiles", [0, 4])  # fft: the stored spectrum's product, or the fused one
+def test_gabor_fft_and_gemm_equal_direct(cls, shape, channels_last, fused_max_tiles, monkeypatch):
+    monkeypatch.setattr(gabor, "FUSED_MAX_TILES", fused_max_tiles)
     torch.manual_seed(4)
     layers = {impl: cls(3, 5, 7, impl=impl) for impl in ("direct", "direct_contiguous", "fft", "gemm")}
     for impl in ("direct_contiguous", "fft", "gemm"):

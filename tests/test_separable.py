@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medexp.nn import native, separable
-from medexp.nn.fftconv import kernel_spectrum
+from medexp.nn.fftconv import _channel_product, kernel_spectrum
 from medexp.nn.gabor import gabor_kernel2d, gabor_kernel3d
 
 needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler")
@@ -191,6 +191,54 @@ def test_native_spectrum_gradcheck_and_float32_threads(monkeypatch):
     try:
         torch.set_num_threads(3)
         got = _spectrum([p.detach().float() for p in params], 7, (14, 14, 14), native=True)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def _stored_product(x, params, k, sizes):
+    """The channel product with the spectrum of the taps (the PyTorch path: pruned DFT of expand_torch)."""
+    return _channel_product(x, _spectrum(params, k, sizes, native=False))
+
+
+def _fused_product(x, params, k, sizes):
+    sigma, *rest = params
+    angles, amplitudes = tuple(rest[: len(rest) - 5]), rest[len(rest) - 5 :]
+    return separable.gabor_spectral_product(x, sigma, angles, *amplitudes, k, sizes)
+
+
+@needs_native
+@pytest.mark.parametrize("d,sizes", [(3, (8, 10, 6)), (2, (12, 8))])
+@pytest.mark.parametrize("cout,cin,tiles", [(3, 2, 1), (17, 3, 3)])  # partial blocks; full + partial
+def test_native_spectral_product_equals_the_stored_spectrum_product(d, sizes, cout, cin, tiles):
+    # csrc/spectral_impl.h builds each block of the kernel spectrum inside the channel product and never
+    # stores it: values and gradients (input spectra and every parameter) must equal the product with the
+    # spectrum computed from the taps.
+    params = _params(cout, cin, d, seed=7)
+    freqs = math.prod(sizes[:-1]) * (sizes[-1] // 2 + 1)
+    x = torch.randn(freqs, tiles, cin, 2, dtype=torch.float64, requires_grad=True)
+    got, want = _fused_product(x, params, 5, sizes), _stored_product(x, params, 5, sizes)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(want)
+    inputs = [x, *params]
+    for g_got, g_want in zip(
+        torch.autograd.grad(got, inputs, grad), torch.autograd.grad(want, inputs, grad), strict=True
+    ):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-10)
+
+
+@needs_native
+def test_native_spectral_product_gradcheck_and_float32_threads(monkeypatch):
+    params = _params(18, 2, 3, seed=8)
+    x = torch.randn(4 * 6 * 3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *p: _fused_product(x, p, 3, (4, 6, 4)), [x, *params])
+    x = torch.randn(14 * 14 * 8, 1, 2, 2, dtype=torch.float64)
+    want = _stored_product(x, params, 7, (14, 14, 14)).detach()
+    monkeypatch.setattr(separable, "MIN_PER_THREAD", 8)  # 14 rows of frequencies over 3 threads: uneven
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        got = _fused_product(x.float(), [p.detach().float() for p in params], 7, (14, 14, 14))
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

@@ -19,8 +19,9 @@ Implementation:
 - Complex products are real GEMMs per frequency, in one of two arrangements (see `_channel_product`), so
   autograd never meets complex matmuls (slow conjugate paths on CPU).
 - The kernel spectrum is a pruned DFT: the k taps are transformed axis by axis with (P x k) DFT matrices,
-  cheaper than an FFT of the zero-padded kernel when k << P. `spectral_conv` takes the spectrum from a
-  function instead (the Gabor layers build it from their parameters, `medexp.nn.separable.gabor_spectrum`).
+  cheaper than an FFT of the zero-padded kernel when k << P. `spectral_conv` takes the channel product as a
+  function instead (the Gabor layers build their spectrum from their parameters inside it,
+  `medexp.nn.separable.gabor_spectral_product`).
 - Autograd runs through torch.fft and the GEMMs, except hand-written backwards that avoid slow generic
   ones: rfftn's (a c2r transform instead of a full-size c2c), the tiling's (overlap-add) and the channel
   products' (gradients written in place).
@@ -59,6 +60,10 @@ GOOD_SIZES = tuple(n for n in range(4, 1025, 2) if _is_smooth(n))  # even, 7-smo
 # of those GEMMs. Reading the kernel spectrum dominates with one tile and batch 1 (a GEMV per frequency), so
 # smaller tiles that give the GEMMs rows usually win. Only the ranking of tile sizes depends on them.
 _COST_FFT, _COST_FFT_COPY, _COST_SPECTRUM_READ, _COST_GEMM = 0.053, 6.3, 0.90, 0.0195
+# A product that builds the spectrum itself (the Gabor layers' `fused_tiles`), per complex entry of the
+# spectrum and per entry and tile, forward + backward, on the same scale: fitted to that product at 48 -> 48
+# channels (20^3 x 1 tile, 16^3 x 2 and x 4) against the stored one at 14^3 x 8 tiles, measured side by side.
+_COST_FUSED, _COST_FUSED_TILE = 3.0, 1.0
 
 
 def good_size(n: int) -> int:
@@ -79,6 +84,7 @@ def plan_tiles(
     cout: int,
     batch: int = 1,
     tile: int | None = None,
+    fused_tiles: int = 0,
 ) -> tuple[tuple[int, int, int], ...]:
     """Per axis (fft size P, valid outputs per tile T, number of tiles), by a simple cost model.
 
@@ -87,6 +93,8 @@ def plan_tiles(
         kernel: odd kernel sizes per axis.
         cin, cout, batch: channel counts and batch size, weigh the FFT against the channel GEMM.
         tile: force this FFT size per axis (axes that fit a smaller single FFT still use it).
+        fused_tiles: the channel product builds the kernel spectrum itself for up to this many tiles (x
+            batch), see `spectral_conv`.
     """
     largest = max(good_size(n + k // 2) for n, k in zip(spatial, kernel, strict=True))
     smallest = max(2 * (max(kernel) - 1), 4)  # the overlap (k - 1) must fit in one tile's valid part
@@ -99,7 +107,10 @@ def plan_tiles(
         tiles = batch * math.prod(t for _, _, t in axes)
         log_size = math.log2(math.prod(p for p, _, _ in axes))
         cost = (_COST_FFT * log_size + _COST_FFT_COPY) * points * batch * (cin + cout)
-        cost += 3 * freqs * 4 * cin * cout * (_COST_SPECTRUM_READ + tiles * _COST_GEMM)
+        if tiles <= fused_tiles:
+            cost += freqs * cin * cout * (_COST_FUSED + tiles * _COST_FUSED_TILE)
+        else:
+            cost += 3 * freqs * 4 * cin * cout * (_COST_SPECTRUM_READ + tiles * _COST_GEMM)
         if cost < best_cost:
             best, best_cost = axes, cost
     return best
@@ -354,19 +365,34 @@ def fft_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, tile: int | 
         (B, cout, *S), equal to F.conv{d}d(x, weight, bias, padding=k // 2) up to float rounding, in the
         memory format of x.
     """
-    return spectral_conv(x, tuple(weight.shape), lambda sizes: kernel_spectrum(weight, sizes), bias, tile)
+    product = spectrum_product(lambda sizes: kernel_spectrum(weight, sizes))
+    return spectral_conv(x, tuple(weight.shape), product, bias, tile)
+
+
+# (input spectra (F, T, cin, 2), FFT sizes) -> (F, T, cout, 2), see `spectral_conv`
+Product = Callable[[Tensor, tuple[int, ...]], Tensor]
+
+
+def spectrum_product(spectrum: Callable[[tuple[int, ...]], Tensor]) -> Product:
+    """The channel product with a stored kernel spectrum: `spectrum(sizes)` returns what
+    `kernel_spectrum(weight, sizes)` would, (2, F, cin, cout)."""
+    return lambda x_spectra, sizes: _channel_product(x_spectra, spectrum(sizes))
 
 
 def spectral_conv(
     x: Tensor,
     weight_shape: tuple[int, ...],
-    spectrum: Callable[[tuple[int, ...]], Tensor],
+    product: Product,
     bias: Tensor | None = None,
     tile: int | None = None,
+    fused_tiles: int = 0,
 ) -> Tensor:
-    """`fft_conv` with the kernel given by its spectrum: `spectrum(sizes)` returns what
-    `kernel_spectrum(weight, sizes)` would for the (cout, cin, *k) weight of `weight_shape` (the Gabor layers
-    compute it from their parameters without the taps, `medexp.nn.separable.gabor_spectrum`)."""
+    """`fft_conv` with the kernel given by its channel product: `product(x_spectra, sizes)` returns, per
+    frequency and tile, the complex sum over input channels of the input spectra x_spectra (F, T, cin, 2)
+    times the spectrum of the (cout, cin, *k) kernel of `weight_shape` for FFT sizes `sizes`, (F, T, cout, 2)
+    (`spectrum_product` from a stored spectrum; the Gabor layers build theirs from their parameters,
+    `medexp.nn.separable.gabor_spectral_product`). `fused_tiles`: the product builds the spectrum itself
+    for up to this many tiles (x batch), which the tile plan then costs as such."""
     d = x.dim() - 2
     if d not in (2, 3) or len(weight_shape) != d + 2 or weight_shape[1] != x.shape[1]:
         raise ValueError(f"fft_conv: input {tuple(x.shape)} and weight {tuple(weight_shape)} do not match")
@@ -374,13 +400,13 @@ def spectral_conv(
         raise ValueError(f"fft_conv: kernel sizes must be odd, got weight {tuple(weight_shape)}")
     batch, cin, *spatial = x.shape
     cout, ks = weight_shape[0], tuple(weight_shape[2:])
-    axes = plan_tiles(tuple(spatial), ks, cin, cout, batch, tile)
+    axes = plan_tiles(tuple(spatial), ks, cin, cout, batch, tile, fused_tiles)
     sizes = tuple(p for p, _, _ in axes)
     tiles = _tiles(x, axes, [k // 2 for k in ks])  # (nt_0.., B, cin, P_0..)
     x_spectrum = _RealFFT.apply(tiles, d)  # (P_0.., nx, nt_0.., B, cin)
     freqs, count = x_spectrum.shape[:d], math.prod(x_spectrum.shape[d:-1])
     x_spectrum = torch.view_as_real(x_spectrum).reshape(math.prod(freqs), count, cin, 2)  # (F, T B, cin, 2)
-    out = _channel_product(x_spectrum, spectrum(sizes))  # (F, tiles B, cout, 2)
+    out = product(x_spectrum, sizes)  # (F, tiles B, cout, 2)
     out = out.reshape(*freqs, *tiles.shape[: d + 1], cout, 2)  # (P_0.., nx, nt_0.., B, cout, re/im)
     out = torch.fft.irfftn(
         torch.view_as_complex(out), s=sizes, dim=tuple(range(d))

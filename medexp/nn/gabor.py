@@ -29,18 +29,24 @@ from torch import Tensor, nn
 
 from medexp.nn.fftconv import (
     IMPLS,
+    Product,
     crop_to_reach,
     reach,
     resolve_impl,
     same_conv,
     spectral_conv,
+    spectrum_product,
     weight_channels_last,
 )
-from medexp.nn.separable import gabor_spectrum, gabor_weight
+from medexp.nn.separable import gabor_spectral_product, gabor_spectrum, gabor_weight, native_available
 
 NAMES_3D = ("sigma", "theta_y", "theta_z", "a_re", "a_im", "f_re", "f_im", "psi")
 NAMES_2D = ("sigma", "theta", "a_re", "a_im", "f_re", "f_im", "psi")
 SIGMA_MIN = 1e-2  # floor on the softplus-reparametrised sigma: keeps 1 / sigma^2 finite
+# Tiles (x batch) up to which the FFT path builds the kernel spectrum inside the channel product: fwd+bwd of
+# the product, fused / stored spectrum, measured at 3ad2e0c (64^3 network shapes): 1 tile 0.47-0.55 (48->48 at
+# 22^3, 96->96 at 14^3, 288->96), 2 tiles 0.74-0.94, 4 tiles 0.84-0.99, 8 tiles 1.31, 27 tiles 1.50.
+FUSED_MAX_TILES = 4
 
 
 def _offsets(size: int, like: Tensor) -> Tensor:
@@ -266,6 +272,24 @@ class _GaborConvNd(nn.Module):
             setattr(self, slot, cache)
         return cache[1]
 
+    def spectral_product(self, size: int) -> Product:
+        """The FFT convolution's channel product with the spectrum of the central size^d taps
+        (`medexp.nn.fftconv.spectral_conv`): on CPU, for up to FUSED_MAX_TILES tiles, by the C kernels that
+        build each block of the spectrum where they use it (`gabor_spectral_product`; never stored, so
+        nothing to cache); otherwise with the stored spectrum (`spectrum`), whose cost many tiles share."""
+        stored = spectrum_product(lambda sizes: self.spectrum(size, sizes))
+        if not native_available(self.sigma_raw):
+            return stored
+        angles = tuple(getattr(self, name) for name in self.angle_names)
+        amplitudes = (self.a_re, self.a_im, self.f_re, self.f_im, self.psi)
+
+        def product(x_spectra: Tensor, sizes: tuple[int, ...]) -> Tensor:
+            if x_spectra.shape[1] > FUSED_MAX_TILES:
+                return stored(x_spectra, sizes)
+            return gabor_spectral_product(x_spectra, self.sigma, angles, *amplitudes, size, sizes)
+
+        return product
+
     def spectrum(self, size: int, sizes: tuple[int, ...]) -> Tensor:
         """The kernel spectrum of the central size^d taps for FFT sizes `sizes`, (2, F, cin, cout) as
         `medexp.nn.fftconv.kernel_spectrum`, straight from the parameters (`gabor_spectrum`); cached like
@@ -317,14 +341,15 @@ class _GaborConvNd(nn.Module):
 
     def run_impl(self, impl: str, x: Tensor) -> Tensor:
         """The convolution of x by `impl` (not "auto"), generation included: for fft the kernel spectrum
-        straight from the parameters (`spectrum`); otherwise the weight, generated in the memory layout the
-        implementation runs in, so that neither the weight nor its gradient is copied between layouts (such
-        copies cost up to half a 7^3 convolution, see README Performance)."""
+        straight from the parameters (`spectral_product`); otherwise the weight, generated in the memory
+        layout the implementation runs in, so that neither the weight nor its gradient is copied between
+        layouts (such copies cost up to half a 7^3 convolution, see README Performance)."""
         spatial = tuple(x.shape[2:])
         taps = tuple(reach(self.kernel_size, n) for n in spatial)
         shape = (self.out_channels, self.in_channels, *taps)
         if impl == "fft" and len(set(taps)) == 1:
-            return spectral_conv(x, shape, lambda sizes: self.spectrum(taps[0], sizes), self.bias)
+            fused = FUSED_MAX_TILES if native_available(self.sigma_raw) else 0
+            return spectral_conv(x, shape, self.spectral_product(taps[0]), self.bias, fused_tiles=fused)
         weight = self.kernel(max(taps), channels_last=weight_channels_last(x, impl))
         return same_conv(x, crop_to_reach(weight, spatial), self.bias, impl)
 

@@ -247,6 +247,68 @@ class _NativeGaborSpectrum(torch.autograd.Function):
         return None, None, *_param_grads(_native_rows_backward(params, dq, d), d)
 
 
+class _NativeSpectralProduct(torch.autograd.Function):
+    """`fftconv._channel_product(x, gabor_spectrum(...))` without the spectrum (csrc/spectral_impl.h): each
+    block of it is built from the pairs' 1D transforms where the product uses it, forward and backward."""
+
+    @staticmethod
+    def forward(
+        ctx, x: Tensor, k: int, sizes: tuple[int, ...], sigma, theta_y, theta_z, *amplitudes
+    ) -> Tensor:
+        params, d = _contiguous_params(sigma, theta_y, theta_z, amplitudes)
+        q, e = _native_rows(params, d)
+        lib, suffix = native.library(), _SUFFIX[q.dtype]
+        (cout, cin), pairs = sigma.shape, sigma.numel()
+        freqs, tiles = x.shape[:2]
+        blocks, c_sizes = cin * -(-cout // BLOCK), (ctypes.c_long * d)(*sizes)
+        tables = q.new_empty(blocks, getattr(lib, f"spectral_table_length_{suffix}")(d, c_sizes))
+        args = (_pointer(q), _pointer(e), _pointer(tables), *_longs(pairs, cin, cout), d, k, c_sizes)
+        _run_chunked(getattr(lib, f"spectral_tables_{suffix}"), blocks, BLOCK, *args)
+        x = x.contiguous()  # (F, T, cin, re/im)
+        out = x.new_empty(freqs, tiles, cout, 2)
+        args = (_pointer(tables), _pointer(x), _pointer(out), *_longs(cin, cout, tiles), d, c_sizes)
+        _run_chunked(getattr(lib, f"spectral_forward_{suffix}"), sizes[0], _per_row(x, cout, sizes), *args)
+        ctx.save_for_backward(x, tables, *params, q, e)
+        ctx.k, ctx.d, ctx.sizes = k, d, sizes
+        return out  # (F, T, cout, re/im)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, tables, *params, q, e = ctx.saved_tensors
+        d, k, sizes = ctx.d, ctx.k, ctx.sizes
+        lib, suffix = native.library(), _SUFFIX[q.dtype]
+        (cout, cin), pairs = params[0].shape, params[0].numel()
+        freqs, tiles = x.shape[:2]
+        c_sizes = (ctypes.c_long * d)(*sizes)
+        padded = grad.new_zeros(freqs, tiles, 2, -(-cout // BLOCK) * BLOCK)  # (F, T, re/im, coutp)
+        padded[..., :cout] = grad.transpose(2, 3)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.empty_like(x)
+            args = (
+                _pointer(tables),
+                _pointer(padded),
+                _pointer(grad_x),
+                *_longs(cin, cout, tiles),
+                d,
+                c_sizes,
+            )
+            input_backward = getattr(lib, f"spectral_backward_input_{suffix}")
+            _run_chunked(input_backward, sizes[0], _per_row(x, cout, sizes), *args)
+        dq = torch.empty_like(q)
+        pointers = (_pointer(q), _pointer(e), _pointer(x), _pointer(padded), _pointer(dq))
+        args = (*pointers, *_longs(pairs, cin, cout, tiles))
+        kernel_backward = getattr(lib, f"spectral_backward_kernel_{suffix}")
+        per_block = max(1, BLOCK * freqs * tiles // 64)  # ~64 products per pair unit, like `_per_row`
+        _run_chunked(kernel_backward, cin * -(-cout // BLOCK), per_block, *args, d, k, c_sizes)
+        return grad_x, None, None, *_param_grads(_native_rows_backward(params, dq, d), d)
+
+
+def _per_row(x: Tensor, cout: int, sizes: tuple[int, ...]) -> int:
+    """The work of one f0 unit of the fused product, in `_run_chunked`'s pair units (~64 products each)."""
+    return max(1, x.shape[1] * x.shape[2] * cout * math.prod(sizes[1:-1]) * (sizes[-1] // 2 + 1) // 64)
+
+
 def native_available(t: Tensor) -> bool:
     """Whether `gabor_weight` runs the C kernels for parameters like t."""
     return (
@@ -273,6 +335,20 @@ def gabor_weight(
         theta_z = angles[1] if len(angles) == 2 else None
         return _NativeGabor.apply(k, channels_last, sigma, angles[0], theta_z, *amplitudes)
     return expand_torch(rows_torch(sigma, angles, *amplitudes), k)
+
+
+def gabor_spectral_product(
+    x: Tensor, sigma, angles: tuple[Tensor, ...], a_re, a_im, f_re, f_im, psi, k: int, sizes: tuple[int, ...]
+) -> Tensor:
+    """The FFT convolution's channel product of input spectra x (F, T, cin, re/im) with the Gabor kernel
+    spectrum `gabor_spectrum(..., k, sizes)`, (F, T, cout, re/im): per frequency and tile the complex sum over
+    input channels of x K. The C kernels never hold the spectrum (csrc/spectral_impl.h); callers check
+    `native_available` first. Differentiable in x and all parameters."""
+    if not native_available(sigma):
+        raise RuntimeError("gabor_spectral_product needs medexp's C kernels (CPU, float32/float64)")
+    theta_z = angles[1] if len(angles) == 2 else None
+    amplitudes = (a_re, a_im, f_re, f_im, psi)
+    return _NativeSpectralProduct.apply(x, k, tuple(sizes), sigma, angles[0], theta_z, *amplitudes)
 
 
 def gabor_spectrum(

@@ -1,5 +1,5 @@
-/* float32 and float64 instances of rows_impl.h, separable_impl.h and spectrum_impl.h; built and loaded by
- * medexp/nn/native.py. */
+/* float32 and float64 instances of rows_impl.h, separable_impl.h, spectrum_impl.h and spectral_impl.h;
+ * built and loaded by medexp/nn/native.py. */
 
 #include <math.h>
 #include <stdlib.h>
@@ -45,6 +45,7 @@ double exp(double) __attribute__((const));
 #include "rows_impl.h"
 #include "separable_impl.h"
 #include "spectrum_impl.h"
+#include "spectral_impl.h"
 #undef REAL
 #undef FN
 #undef SIN
@@ -59,6 +60,7 @@ double exp(double) __attribute__((const));
 #include "rows_impl.h"
 #include "separable_impl.h"
 #include "spectrum_impl.h"
+#include "spectral_impl.h"
 #undef REAL
 #undef FN
 #undef SIN

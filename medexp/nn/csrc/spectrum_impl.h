@@ -37,6 +37,8 @@
 #define SPEC_BLOCK FN(spectrum_block)
 #define SPEC_ALLOC FN(spectrum_alloc)
 #define SPEC_UV FN(spectrum_uv)
+#define SPEC_ENTRY FN(spectrum_entry)
+#define SPEC_BACKWARD FN(spectrum_backward_core)
 #define GROUP 8 /* blocks per group, see the forward */
 /* the block's transforms: axis j, term t, frequency f, re/im */
 #define TR(j, t, f, ri) ((toff[j] + ((t) * sizes[j] + (f)) * 2 + (ri)) * BW)
@@ -90,6 +92,21 @@ static void SPEC_UV(const REAL *spec, const long *toff, const long *sizes, int d
     }
 }
 
+/* The block's spectrum entries re + i im at (f0, f1, f2) from SPEC_UV's scaled U_t, V_t (the header's sum). */
+static inline void SPEC_ENTRY(const REAL *spec, const long *toff, const long *sizes, int d, long f2,
+                              REAL ur[2][BW], REAL ui[2][BW], REAL vr[2][BW], REAL vi[2][BW], REAL *re, REAL *im) {
+    const long m2 = f2 ? sizes[d - 1] - f2 : 0;
+    const REAL *x0 = spec + TR(d - 1, 0, f2, 0), *x1 = spec + TR(d - 1, 1, f2, 0);
+    const REAL *y0 = spec + TR(d - 1, 0, m2, 0), *y1 = spec + TR(d - 1, 1, m2, 0);
+#pragma omp simd
+    for (int l = 0; l < BW; l++) {
+        re[l] = ur[0][l] * x0[l] - ui[0][l] * x0[BW + l] + vr[0][l] * y0[l] - vi[0][l] * y0[BW + l]
+              + ur[1][l] * x1[l] - ui[1][l] * x1[BW + l] + vr[1][l] * y1[l] - vi[1][l] * y1[BW + l];
+        im[l] = ur[0][l] * x0[BW + l] + ui[0][l] * x0[l] - vr[0][l] * y0[BW + l] - vi[0][l] * y0[l]
+              + ur[1][l] * x1[BW + l] + ui[1][l] * x1[l] - vr[1][l] * y1[BW + l] - vi[1][l] * y1[l];
+    }
+}
+
 /* A call's arrays: the block workspace w (base), the DFT tables (tab, with toff) and GROUP blocks' transforms
  * and accumulators (specs). 0, or 1 when out of memory (then nothing stays allocated). */
 static int SPEC_ALLOC(FN(work) * w, int d, int k, const long *sizes, long *toff, long per_block, REAL **base,
@@ -138,7 +155,7 @@ static int SPEC_PREPARE(const REAL *q, const REAL *e, long pairs, long cin, long
  * open a new cache line and page: measured 1.4-1.6x slower). */
 int FN(gabor_spectrum)(const REAL *q, const REAL *e, REAL *out, long pairs, long cin, long cout, int d, int k,
                        const long *sizes, long b0, long b1) {
-    const long P0 = sizes[0], P1 = d == 3 ? sizes[1] : 1, PL_ = sizes[d - 1], H = PL_ / 2 + 1;
+    const long P0 = sizes[0], P1 = d == 3 ? sizes[1] : 1, H = sizes[d - 1] / 2 + 1;
     const long step = cin * cout, imag = P0 * P1 * H * step; /* between frequencies; to the imaginary parts */
     const long per_block = SPEC_BLOCK(d, sizes);
     long toff[3];
@@ -163,17 +180,8 @@ int FN(gabor_spectrum)(const REAL *q, const REAL *e, REAL *out, long pairs, long
                     SPEC_UV(spec, toff, sizes, d, f0, f1, (REAL)0.5, ur, ui, vr, vi);
                     REAL *row = out + ((f0 * P1 + f1) * H * cin + ii[g]) * cout + oo[g];
                     for (long f2 = 0; f2 < H; f2++) {
-                        const long m2 = f2 ? PL_ - f2 : 0;
-                        const REAL *x0 = spec + TR(d - 1, 0, f2, 0), *x1 = spec + TR(d - 1, 1, f2, 0);
-                        const REAL *y0 = spec + TR(d - 1, 0, m2, 0), *y1 = spec + TR(d - 1, 1, m2, 0);
                         REAL re[BW], im[BW];
-#pragma omp simd
-                        for (int l = 0; l < BW; l++) {
-                            re[l] = ur[0][l] * x0[l] - ui[0][l] * x0[BW + l] + vr[0][l] * y0[l] - vi[0][l] * y0[BW + l]
-                                  + ur[1][l] * x1[l] - ui[1][l] * x1[BW + l] + vr[1][l] * y1[l] - vi[1][l] * y1[BW + l];
-                            im[l] = ur[0][l] * x0[BW + l] + ui[0][l] * x0[l] - vr[0][l] * y0[BW + l] - vi[0][l] * y0[l]
-                                  + ur[1][l] * x1[BW + l] + ui[1][l] * x1[l] - vr[1][l] * y1[BW + l] - vi[1][l] * y1[l];
-                        }
+                        SPEC_ENTRY(spec, toff, sizes, d, f2, ur, ui, vr, vi, re, im);
                         REAL *dst = row + f2 * step;
                         if (n == BW) {
 #pragma omp simd
@@ -211,13 +219,23 @@ static void FN(spectrum_taps_backward)(const REAL *cp, const REAL *cm, long nf, 
     }
 }
 
-/* Backward: dq of the pairs in blocks b0 <= block < b1 from grad = dL/dK (layout of out), in groups like the
- * forward; 0, or 1 when out of memory. */
-int FN(gabor_spectrum_backward)(const REAL *q, const REAL *e, const REAL *grad, REAL *dq, long pairs, long cin,
-                                long cout, int d, int k, const long *sizes, long b0, long b1) {
+/* Where the backward reads dL/dK: `grad` in the layout of the forward's out, or (grad NULL) formed per entry as
+ * sum_n G conj(X) from x (F, T, cin, re/im) and gy (F, T, re/im, coutp), see spectral_impl.h. */
+struct FN(spectrum_grad) {
+    const REAL *grad, *x, *gy;
+    long tiles, coutp;
+};
+
+/* Backward: dq of the pairs in blocks b0 <= block < b1 from dL/dK (read as `source` says), in groups of
+ * `group` <= GROUP blocks (GROUP for a stored grad, like the forward; 1 when formed from X and G, which stay
+ * in cache); 0, or 1 when out of memory. */
+static int SPEC_BACKWARD(const REAL *q, const REAL *e, const struct FN(spectrum_grad) * source, REAL *dq,
+                         long pairs, long cin, long cout, int d, int k, const long *sizes, long b0, long b1,
+                         int group) {
     const long P0 = sizes[0], P1 = d == 3 ? sizes[1] : 1, PL_ = sizes[d - 1], H = PL_ / 2 + 1;
     const long step = cin * cout, imag = P0 * P1 * H * step;
-    const REAL *end = grad + 2 * imag;
+    const REAL *grad = source->grad, *end = grad ? grad + 2 * imag : 0, *xs = source->x, *gy = source->gy;
+    const long T = source->tiles, coutp = source->coutp;
     const int nq = 1 + 2 * d + 4;
     const long per_block = SPEC_BLOCK(d, sizes);
     long toff[3];
@@ -230,8 +248,8 @@ int FN(gabor_spectrum_backward)(const REAL *q, const REAL *e, const REAL *grad, 
     const long o_c1m = o_c1p + 4 * P1 * BW;
     const REAL *tabs[3] = {tab, tab + sizes[0] * k * 2, d == 3 ? tab + (sizes[0] + sizes[1]) * k * 2 : 0};
     FLUSH_DENORMALS_BEGIN
-    for (long g0 = b0; g0 < b1; g0 += GROUP) {
-        const int count = b1 - g0 < GROUP ? (int)(b1 - g0) : GROUP;
+    for (long g0 = b0; g0 < b1; g0 += group) {
+        const int count = b1 - g0 < group ? (int)(b1 - g0) : group;
         long ii[GROUP], oo[GROUP];
         int nn[GROUP];
         for (int g = 0; g < count; g++) {
@@ -248,20 +266,32 @@ int FN(gabor_spectrum_backward)(const REAL *q, const REAL *e, const REAL *grad, 
                     REAL ur[2][BW], ui[2][BW], vr[2][BW], vi[2][BW];
                     SPEC_UV(spec, toff, sizes, d, f0, f1, (REAL)1, ur, ui, vr, vi);
                     REAL bpr[2][BW] = {{0}}, bpi[2][BW] = {{0}}, bmr[2][BW] = {{0}}, bmi[2][BW] = {{0}}; /* B+, B- */
-                    const REAL *row = grad + ((f0 * P1 + f1) * H * cin + ii[g]) * cout + oo[g];
-                    /* the rows two blocks ahead (or of the next (f0, f1)): reads are latency-bound otherwise */
+                    /* grad: the rows two blocks ahead (or of the next (f0, f1)), prefetched: latency-bound otherwise */
                     const int ahead = (g + 2) % count;
                     const long f01 = f0 * P1 + f1 + (g + 2 >= count), f01_max = P0 * P1 - 1;
-                    const REAL *next = grad + ((f01 < f01_max ? f01 : f01_max) * H * cin + ii[ahead]) * cout + oo[ahead];
+                    const long here = ((f0 * P1 + f1) * H * cin + ii[g]) * cout + oo[g];
+                    const long there = ((f01 < f01_max ? f01 : f01_max) * H * cin + ii[ahead]) * cout + oo[ahead];
                     for (long f2 = 0; f2 < H; f2++) {
                         const long m2 = f2 ? PL_ - f2 : 0;
                         REAL gr[BW], gi[BW];
-                        const REAL *src = row + f2 * step;
-                        __builtin_prefetch(next + f2 * step, 0), __builtin_prefetch(next + f2 * step + imag, 0);
-                        if (n == BW || src + imag + BW <= end) { /* lanes past n read the next entries: unused */
-                            for (int l = 0; l < BW; l++) gr[l] = src[l], gi[l] = src[imag + l];
+                        if (!grad) { /* sum_n G conj(X); G is zero past cout */
+                            const long f = (f0 * P1 + f1) * H + f2;
+                            for (int l = 0; l < BW; l++) gr[l] = 0, gi[l] = 0;
+                            for (long t = 0; t < T; t++) {
+                                const REAL xr = xs[((f * T + t) * cin + ii[g]) * 2], xi = xs[((f * T + t) * cin + ii[g]) * 2 + 1];
+                                const REAL *yr = gy + (f * T + t) * 2 * coutp + oo[g], *yi = yr + coutp;
+#pragma omp simd
+                                for (int l = 0; l < BW; l++)
+                                    gr[l] = gr[l] + yr[l] * xr + yi[l] * xi, gi[l] = gi[l] + yi[l] * xr - yr[l] * xi;
+                            }
                         } else {
-                            for (int l = 0; l < BW; l++) gr[l] = l < n ? src[l] : 0, gi[l] = l < n ? src[imag + l] : 0;
+                            const REAL *src = grad + here + f2 * step, *next = grad + there + f2 * step;
+                            __builtin_prefetch(next, 0), __builtin_prefetch(next + imag, 0);
+                            if (n == BW || src + imag + BW <= end) { /* lanes past n read the next entries: unused */
+                                for (int l = 0; l < BW; l++) gr[l] = src[l], gi[l] = src[imag + l];
+                            } else {
+                                for (int l = 0; l < BW; l++) gr[l] = l < n ? src[l] : 0, gi[l] = l < n ? src[imag + l] : 0;
+                            }
                         }
                         for (int t = 0; t < 2; t++) {
                             const REAL *x = spec + TR(d - 1, t, f2, 0), *y = spec + TR(d - 1, t, m2, 0);
@@ -269,10 +299,10 @@ int FN(gabor_spectrum_backward)(const REAL *q, const REAL *e, const REAL *grad, 
 #pragma omp simd
                             for (int l = 0; l < BW; l++) {
                                 /* A+ += conj(g) U, A- += g V, B+ += conj(g) T(f2), B- += g T(-f2) */
-                                pp[l] += gr[l] * ur[t][l] + gi[l] * ui[t][l], pp[BW + l] += gr[l] * ui[t][l] - gi[l] * ur[t][l];
-                                mm[l] += gr[l] * vr[t][l] - gi[l] * vi[t][l], mm[BW + l] += gr[l] * vi[t][l] + gi[l] * vr[t][l];
-                                bpr[t][l] += gr[l] * x[l] + gi[l] * x[BW + l], bpi[t][l] += gr[l] * x[BW + l] - gi[l] * x[l];
-                                bmr[t][l] += gr[l] * y[l] - gi[l] * y[BW + l], bmi[t][l] += gr[l] * y[BW + l] + gi[l] * y[l];
+                                pp[l] = pp[l] + gr[l] * ur[t][l] + gi[l] * ui[t][l], pp[BW + l] = pp[BW + l] + gr[l] * ui[t][l] - gi[l] * ur[t][l];
+                                mm[l] = mm[l] + gr[l] * vr[t][l] - gi[l] * vi[t][l], mm[BW + l] = mm[BW + l] + gr[l] * vi[t][l] + gi[l] * vr[t][l];
+                                bpr[t][l] = bpr[t][l] + gr[l] * x[l] + gi[l] * x[BW + l], bpi[t][l] = bpi[t][l] + gr[l] * x[BW + l] - gi[l] * x[l];
+                                bmr[t][l] = bmr[t][l] + gr[l] * y[l] - gi[l] * y[BW + l], bmi[t][l] = bmi[t][l] + gr[l] * y[BW + l] + gi[l] * y[l];
                             }
                         }
                     }
@@ -321,19 +351,10 @@ int FN(gabor_spectrum_backward)(const REAL *q, const REAL *e, const REAL *grad, 
     return 0;
 }
 
-#undef SPEC_TABLES
-#undef SPEC_PREPARE
-#undef SPEC_BLOCK
-#undef SPEC_ALLOC
-#undef SPEC_UV
-#undef GROUP
-#undef TR
-/* the block machinery of separable_impl.h, used here too */
-#undef WORKSPACE
-#undef LOAD
-#undef FACTORS
-#undef PLANE
-#undef PREPARE
-#undef FACTORS_BACKWARD
-#undef FAC
-#undef PL
+/* Backward of gabor_spectrum: dq of the pairs in blocks b0 <= block < b1 from grad = dL/dK (layout of out). */
+int FN(gabor_spectrum_backward)(const REAL *q, const REAL *e, const REAL *grad, REAL *dq, long pairs, long cin,
+                                long cout, int d, int k, const long *sizes, long b0, long b1) {
+    const struct FN(spectrum_grad) source = {grad, 0, 0, 0, 0};
+    return SPEC_BACKWARD(q, e, &source, dq, pairs, cin, cout, d, k, sizes, b0, b1, GROUP);
+}
+
