@@ -242,3 +242,5 @@ def test_native_spectral_product_gradcheck_and_float32_threads(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    with pytest.raises(ValueError, match="do not match parameters"):
+        _fused_product(x, [p.detach().float() for p in params], 7, (14, 14, 14))  # float64 x, float32 params

@@ -24,7 +24,9 @@ the PyTorch operations.
 
 For FFT convolutions `gabor_spectrum` gives the kernel spectrum that medexp.nn.fftconv.kernel_spectrum
 would compute from the taps, straight from q (csrc/spectrum_impl.h: four rank-1 terms in the 1D transforms
-of the factors per pair), forward and backward; elsewhere through the taps.
+of the factors per pair), forward and backward; elsewhere through the taps. `gabor_spectral_product` is the
+FFT convolution's channel product with that spectrum, each block of it built where the product uses it and
+never stored (csrc/spectral_impl.h; C kernels only).
 """
 
 from __future__ import annotations
@@ -265,7 +267,8 @@ class _NativeSpectralProduct(torch.autograd.Function):
         args = (_pointer(q), _pointer(e), _pointer(tables), *_longs(pairs, cin, cout), d, k, c_sizes)
         _run_chunked(getattr(lib, f"spectral_tables_{suffix}"), blocks, BLOCK, *args)
         x = x.contiguous()  # (F, T, cin, re/im)
-        out = x.new_empty(freqs, tiles, cout, 2)
+        # plain tensors: x may be a MONAI MetaTensor, whose new_empty rejects a size given as ints
+        out = torch.empty((freqs, tiles, cout, 2), dtype=x.dtype, device=x.device)
         args = (_pointer(tables), _pointer(x), _pointer(out), *_longs(cin, cout, tiles), d, c_sizes)
         _run_chunked(getattr(lib, f"spectral_forward_{suffix}"), sizes[0], _per_row(x, cout, sizes), *args)
         ctx.save_for_backward(x, tables, *params, q, e)
@@ -280,7 +283,10 @@ class _NativeSpectralProduct(torch.autograd.Function):
         (cout, cin), pairs = params[0].shape, params[0].numel()
         freqs, tiles = x.shape[:2]
         c_sizes = (ctypes.c_long * d)(*sizes)
-        padded = grad.new_zeros(freqs, tiles, 2, -(-cout // BLOCK) * BLOCK)  # (F, T, re/im, coutp)
+        coutp = -(-cout // BLOCK) * BLOCK
+        padded = torch.zeros(
+            (freqs, tiles, 2, coutp), dtype=grad.dtype, device=grad.device
+        )  # (F, T, 2, coutp)
         padded[..., :cout] = grad.transpose(2, 3)
         grad_x = None
         if ctx.needs_input_grad[0]:
@@ -346,6 +352,12 @@ def gabor_spectral_product(
     `native_available` first. Differentiable in x and all parameters."""
     if not native_available(sigma):
         raise RuntimeError("gabor_spectral_product needs medexp's C kernels (CPU, float32/float64)")
+    shape_ok = x.dim() == 4 and tuple(x.shape[2:]) == (sigma.shape[1], 2)
+    if not shape_ok or x.dtype != sigma.dtype or x.device != sigma.device:
+        raise ValueError(
+            f"gabor_spectral_product: input spectra {tuple(x.shape)} {x.dtype} do not match parameters "
+            f"{tuple(sigma.shape)} {sigma.dtype}; expected (F, T, cin, 2) of the same dtype and device"
+        )
     theta_z = angles[1] if len(angles) == 2 else None
     amplitudes = (a_re, a_im, f_re, f_im, psi)
     return _NativeSpectralProduct.apply(x, k, tuple(sizes), sigma, angles[0], theta_z, *amplitudes)
