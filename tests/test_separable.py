@@ -30,9 +30,34 @@ def _params(cout: int, cin: int, d: int, dtype=torch.float64, seed: int = 0) -> 
     return [sigma, *angles, *amplitudes]
 
 
-def _weight(params, k, native: bool, channels_last: bool = True):
+def _split(params) -> tuple:
+    """(sigma, angles, amplitudes) of `_params`' list: the angles are all but the last 5 after sigma."""
     sigma, *rest = params
-    angles, amplitudes = tuple(rest[: len(rest) - 5]), rest[len(rest) - 5 :]
+    return sigma, tuple(rest[: len(rest) - 5]), rest[len(rest) - 5 :]
+
+
+def _same_values_and_gradients(got, want, inputs) -> None:
+    """got == want to 1e-12, and their gradients w.r.t. inputs for one random output gradient to 1e-10."""
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(want)
+    for g_got, g_want in zip(
+        torch.autograd.grad(got, inputs, grad), torch.autograd.grad(want, inputs, grad), strict=True
+    ):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-10)
+
+
+def _on_threads(n: int, fn):
+    """fn() with torch set to n threads, the caller's count restored after."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(n)
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _weight(params, k, native: bool, channels_last: bool = True):
+    sigma, angles, amplitudes = _split(params)
     if native:
         return separable.gabor_weight(sigma, angles, *amplitudes, k, channels_last)
     return separable.expand_torch(separable.rows_torch(sigma, angles, *amplitudes), k)
@@ -74,12 +99,7 @@ def test_native_matches_torch_values_and_gradients(d, cout, cin, channels_last):
     params = _params(cout, cin, d)
     got, want = _weight(params, 7, native=True, channels_last=channels_last), _weight(params, 7, native=False)
     assert got.stride(1) == 1 if channels_last else got.is_contiguous()  # the layout asked for
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    grad = torch.randn_like(want)
-    for g_got, g_want in zip(
-        torch.autograd.grad(got, params, grad), torch.autograd.grad(want, params, grad), strict=True
-    ):
-        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-10)
+    _same_values_and_gradients(got, want, params)
 
 
 @needs_native
@@ -97,17 +117,11 @@ def test_native_float32_and_threads(monkeypatch):
     params = _params(24, 40, 3, seed=4)
     want = _weight(params, 7, native=False).detach()
     monkeypatch.setattr(separable, "MIN_PER_THREAD", 64)  # several ranges even for this small layer
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 3):  # one range, and ranges that split the 24 * 3 blocks and 960 pairs unevenly
-            torch.set_num_threads(n)
-            for channels_last in (True, False):
-                got = _weight(
-                    [p.detach().float() for p in params], 7, native=True, channels_last=channels_last
-                )
-                torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    finally:
-        torch.set_num_threads(threads)
+    floats = [p.detach().float() for p in params]
+    for n in (1, 3):  # one range, and ranges that split the 24 * 3 blocks and 960 pairs unevenly
+        for channels_last in (True, False):
+            got = _on_threads(n, lambda cl=channels_last: _weight(floats, 7, native=True, channels_last=cl))
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_shapes_and_sizes_are_rejected():
@@ -150,8 +164,7 @@ def test_build_is_cached_per_key(tmp_path, monkeypatch):
 
 
 def _spectrum(params, k, sizes, native: bool):
-    sigma, *rest = params
-    angles, amplitudes = tuple(rest[: len(rest) - 5]), rest[len(rest) - 5 :]
+    sigma, angles, amplitudes = _split(params)
     if native:
         return separable.gabor_spectrum(sigma, angles, *amplitudes, k, sizes)
     weight = separable.expand_torch(separable.rows_torch(sigma, angles, *amplitudes), k)
@@ -173,12 +186,7 @@ def test_native_spectrum_is_the_kernels_conjugate_rfft(d, sizes, cout, cin):
     )  # (cout, cin, P_0.., nx)
     fft = torch.view_as_real(fft.flatten(2)).permute(3, 2, 1, 0)  # (re/im, F, cin, cout)
     torch.testing.assert_close(got, fft, rtol=1e-12, atol=1e-12)
-    want = _spectrum(params, 5, sizes, native=False)
-    grad = torch.randn_like(want)
-    for g_got, g_want in zip(
-        torch.autograd.grad(got, params, grad), torch.autograd.grad(want, params, grad), strict=True
-    ):
-        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-10)
+    _same_values_and_gradients(got, _spectrum(params, 5, sizes, native=False), params)
 
 
 @needs_native
@@ -187,12 +195,9 @@ def test_native_spectrum_gradcheck_and_float32_threads(monkeypatch):
     assert torch.autograd.gradcheck(lambda *p: _spectrum(p, 3, (4, 6, 4), native=True), params)
     want = _spectrum(params, 7, (14, 14, 14), native=False).detach()
     monkeypatch.setattr(separable, "MIN_PER_THREAD", 8)  # 2 x 2 blocks over 3 threads: uneven ranges
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(3)
-        got = _spectrum([p.detach().float() for p in params], 7, (14, 14, 14), native=True)
-    finally:
-        torch.set_num_threads(threads)
+    got = _on_threads(
+        3, lambda: _spectrum([p.detach().float() for p in params], 7, (14, 14, 14), native=True)
+    )
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
@@ -202,8 +207,7 @@ def _stored_product(x, params, k, sizes):
 
 
 def _fused_product(x, params, k, sizes):
-    sigma, *rest = params
-    angles, amplitudes = tuple(rest[: len(rest) - 5]), rest[len(rest) - 5 :]
+    sigma, angles, amplitudes = _split(params)
     return separable.gabor_spectral_product(x, sigma, angles, *amplitudes, k, sizes)
 
 
@@ -218,13 +222,7 @@ def test_native_spectral_product_equals_the_stored_spectrum_product(d, sizes, co
     freqs = math.prod(sizes[:-1]) * (sizes[-1] // 2 + 1)
     x = torch.randn(freqs, tiles, cin, 2, dtype=torch.float64, requires_grad=True)
     got, want = _fused_product(x, params, 5, sizes), _stored_product(x, params, 5, sizes)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    grad = torch.randn_like(want)
-    inputs = [x, *params]
-    for g_got, g_want in zip(
-        torch.autograd.grad(got, inputs, grad), torch.autograd.grad(want, inputs, grad), strict=True
-    ):
-        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-10)
+    _same_values_and_gradients(got, want, [x, *params])
 
 
 @needs_native
@@ -235,12 +233,8 @@ def test_native_spectral_product_gradcheck_and_float32_threads(monkeypatch):
     x = torch.randn(14 * 14 * 8, 1, 2, 2, dtype=torch.float64)
     want = _stored_product(x, params, 7, (14, 14, 14)).detach()
     monkeypatch.setattr(separable, "MIN_PER_THREAD", 8)  # 14 rows of frequencies over 3 threads: uneven
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(3)
-        got = _fused_product(x.float(), [p.detach().float() for p in params], 7, (14, 14, 14))
-    finally:
-        torch.set_num_threads(threads)
+    floats = [p.detach().float() for p in params]
+    got = _on_threads(3, lambda: _fused_product(x.float(), floats, 7, (14, 14, 14)))
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     with pytest.raises(ValueError, match="do not match parameters"):
         _fused_product(x, [p.detach().float() for p in params], 7, (14, 14, 14))  # float64 x, float32 params
