@@ -274,19 +274,23 @@ class _GaborConvNd(nn.Module):
             setattr(self, slot, cache)
         return cache[1]
 
+    def fused_tiles(self) -> int:
+        """Tiles (x batch) up to which `spectral_product` builds the spectrum inside the product: 0 where
+        the C kernels do not run (GPU, torch.compile, no compiler)."""
+        return FUSED_MAX_TILES if native_available(self.sigma_raw) else 0
+
     def spectral_product(self, size: int) -> Product:
         """The FFT convolution's channel product with the spectrum of the central size^d taps
-        (`medexp.nn.fftconv.spectral_conv`): on CPU, for up to FUSED_MAX_TILES tiles, by the C kernels that
-        build each block of the spectrum where they use it (`gabor_spectral_product`; never stored, so
-        nothing to cache); otherwise with the stored spectrum (`spectrum`), whose cost many tiles share."""
+        (`medexp.nn.fftconv.spectral_conv`): for up to `fused_tiles()` tiles by the C kernels that build
+        each block of the spectrum where they use it (`gabor_spectral_product`; never stored, so nothing to
+        cache); otherwise with the stored spectrum (`spectrum`), whose cost many tiles share."""
         stored = spectrum_product(lambda sizes: self.spectrum(size, sizes))
-        if not native_available(self.sigma_raw):
-            return stored
+        fused_tiles = self.fused_tiles()
         angles = tuple(getattr(self, name) for name in self.angle_names)
         amplitudes = (self.a_re, self.a_im, self.f_re, self.f_im, self.psi)
 
         def product(x_spectra: Tensor, sizes: tuple[int, ...]) -> Tensor:
-            if x_spectra.shape[1] > FUSED_MAX_TILES:
+            if x_spectra.shape[1] > fused_tiles:
                 return stored(x_spectra, sizes)
             return gabor_spectral_product(x_spectra, self.sigma, angles, *amplitudes, size, sizes)
 
@@ -350,8 +354,8 @@ class _GaborConvNd(nn.Module):
         taps = tuple(reach(self.kernel_size, n) for n in spatial)
         shape = (self.out_channels, self.in_channels, *taps)
         if impl == "fft" and len(set(taps)) == 1:
-            fused = FUSED_MAX_TILES if native_available(self.sigma_raw) else 0
-            return spectral_conv(x, shape, self.spectral_product(taps[0]), self.bias, fused_tiles=fused)
+            product = self.spectral_product(taps[0])
+            return spectral_conv(x, shape, product, self.bias, fused_tiles=self.fused_tiles())
         weight = self.kernel(max(taps), channels_last=weight_channels_last(x, impl))
         return same_conv(x, crop_to_reach(weight, spatial), self.bias, impl)
 
