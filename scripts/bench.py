@@ -19,6 +19,9 @@ between variants of one section mean something.
     FLOPs are counted by torch.utils.flop_counter.FlopCounterMode over one forward + backward: 2 x MACs of
     every convolution and matmul (forward, grad-input and grad-weight); norms, activations, upsampling and
     the optimiser are not counted, so the fraction is a lower bound on the hardware's use.
+(d) kernel gradient: GaborConv3d impl=direct at the deepest level's 192 channels on 4^3 (batch 1, 2, 4),
+    6^3 and 8^3 voxels, with the parameters' gradient formed inside the C reduction (no dL/dW) and through
+    dL/dW, side by side; `medexp.nn.separable.fused_gradient_pays` chooses between them by this table.
 (c) runner: per-job overhead, the time a job spends outside its epochs (see `job_overhead`), in a sweep
     (`sweep_job_overhead_s`) and for a job started as its own process (`process_job_overhead_s`); and the
     fraction of a training loop spent waiting for the loader (make_loader with the paper's augmentation,
@@ -56,6 +59,7 @@ from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from medexp.losses import PCCLoss  # noqa: E402
+from medexp.nn import separable  # noqa: E402
 from medexp.nn.conv import KernelFactory  # noqa: E402
 from medexp.nn.fftconv import auto_choices  # noqa: E402
 from medexp.nn.gabor import GaborConv3d  # noqa: E402
@@ -151,6 +155,51 @@ def layer_section(sizes: list[int], reps: int, k: int, max_level: int) -> tuple[
         keys[f"gabor_contiguous_vs_conv{k}_contiguous_layer{suffix}"] = max(contiguous)
         keys[f"gabor_auto_vs_conv{k}_layer{suffix}"] = max(auto)
         keys[f"gabor_auto_vs_direct_layer{suffix}"] = max(auto_direct)
+    return rows, keys
+
+
+# (volume, batch) of the gradient table: the deepest level at batch 1, 2 (trainer default), 4, and above the
+# limit of separable.fused_gradient_pays (6^3: 79 products per tap, 8^3: 248)
+GRADIENT_CASES = ((4, 1), (4, 2), (4, 4), (6, 1), (8, 1))
+
+
+def gradient_section(reps: int, k: int, channels: int = 192) -> tuple[list[str], dict[str, float]]:
+    """(d) GaborConv3d impl=direct, forward + backward, with the parameters' gradient formed inside the C
+    reduction (separable.gabor_conv) and through dL/dW (oneDNN's weight gradient, then the generation's
+    backward), at the deepest level's channels; the rule `fused_gradient_pays` picks between them."""
+    rows = [
+        "| volume | batch | products per tap | fused | via dL/dW | fused / via dL/dW | rule picks |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    keys: dict[str, float] = {}
+    limit = separable.FUSED_GRAD_MAX_PER_TAP
+    for n, batch in GRADIENT_CASES:
+        torch.manual_seed(0)
+        layer = GaborConv3d(channels, channels, k, impl="direct")
+        x = torch.randn(batch, channels, n, n, n).contiguous(memory_format=CL).requires_grad_()
+        grad = torch.randn(batch, channels, n, n, n).contiguous(memory_format=CL)
+        run = _fwd_bwd(layer, x, grad)
+
+        def with_limit(value: float, run: Callable[[], None] = run) -> Callable[[], None]:
+            def variant() -> None:
+                separable.FUSED_GRAD_MAX_PER_TAP = value
+                try:
+                    run()
+                finally:
+                    separable.FUSED_GRAD_MAX_PER_TAP = limit
+
+            return variant
+
+        t = interleaved({"fused": with_limit(math.inf), "dldw": with_limit(-1)}, reps)
+        h = k // 2
+        products = batch * sum(max(0, n - abs(r)) for r in range(-h, h + 1)) ** 3 / k**3
+        picks = "fused" if separable.fused_gradient_pays(batch, (n, n, n), k) else "via dL/dW"
+        ratio = t["fused"] / t["dldw"]
+        rows.append(
+            f"| {n}^3 | {batch} | {products:.0f} | {1e3 * t['fused']:.0f} ms | {1e3 * t['dldw']:.0f} ms | "
+            f"{ratio:.2f} | {picks} |"
+        )
+        keys[f"fused_gradient_ratio_{n}_b{batch}"] = ratio
     return rows, keys
 
 
@@ -413,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--reps", type=int, help="timed repetitions per variant (3 quick, 5 full)")
     parser.add_argument("--kernel-size", type=int, default=7, help="Gabor kernel size (paper: 7)")
     parser.add_argument("--job-runs", type=int, help="timed `medexp train` runs (1 quick, 3 full; 0 skips)")
-    parser.add_argument("--sections", default="layer,model,runner", help="comma-separated subset")
+    parser.add_argument("--sections", default="layer,gradient,model,runner", help="comma-separated subset")
     parser.add_argument("--max-level", type=int, default=4, help="deepest network level in the layer table")
     parser.add_argument(
         "--channels", type=int, nargs=5, default=CHANNELS, help="WongNet widths (tests shrink)"
@@ -437,6 +486,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         workdir = args.workdir or Path(tmp)
         for name, run in (
             ("layer", lambda: layer_section(sizes, reps, args.kernel_size, args.max_level)),
+            ("gradient", lambda: gradient_section(reps, args.kernel_size)),
             ("model", lambda: model_section(args.model_size, reps, not args.quick, args.channels)),
             ("runner", lambda: runner_section(workdir, args.model_size, reps, job_runs, args.channels)),
         ):

@@ -7,8 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from medexp.nn import native
 from medexp.nn.conv import KernelFactory
 from medexp.nn.gabor import GaborConv2d, GaborConv3d, gabor_kernel2d, gabor_kernel3d
 from medexp.nn.wong import WongNet
@@ -148,6 +150,32 @@ def test_layer_matches_conv_with_generated_kernel():
         ref.bias.copy_(conv.bias)
     x = torch.randn(1, 2, 8, 8, 8)
     torch.testing.assert_close(conv(x), ref(x))
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler")
+@pytest.mark.parametrize("impl", ["direct", "direct_contiguous"])
+def test_layer_forms_its_gradient_without_dl_dw_on_small_volumes(impl, monkeypatch):
+    # Training on 4^3 voxels the direct paths run separable.gabor_conv (the parameters' gradient formed
+    # from x and dL/dy); on 8^3 (248 products per tap, separable.fused_gradient_pays) they do not. Both
+    # ways give the same output and gradients as nn.Conv3d with the generated kernel.
+    torch.manual_seed(2)
+    conv = GaborConv3d(18, 3, kernel_size=7, impl=impl).double()
+    for n, fused in ((4, True), (8, False)):
+        x = torch.randn(2, 18, n, n, n, dtype=torch.float64).contiguous(memory_format=torch.channels_last_3d)
+        y = conv(x)
+        assert ("NativeGaborConv" in type(y.grad_fn).__name__) == fused
+        ref = nn.Conv3d(18, 3, 7, padding=3).double()
+        with torch.no_grad():
+            ref.bias.copy_(conv.bias)
+        weight = conv._generate(7, channels_last=True)
+        want = F.conv3d(x, weight, ref.bias, padding=3)
+        torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+        grad = torch.randn_like(y)
+        params = list(conv.parameters())
+        got_grads = torch.autograd.grad(y, params, grad)
+        want_grads = torch.autograd.grad(want, [*params[:-1], ref.bias], grad)
+        for g, w in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
 
 def test_layer_contracts():

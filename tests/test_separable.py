@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medexp.nn import native, separable
-from medexp.nn.fftconv import _channel_product, kernel_spectrum
+from medexp.nn.fftconv import _channel_product, kernel_spectrum, same_conv, weight_channels_last
 from medexp.nn.gabor import gabor_kernel2d, gabor_kernel3d
 
 needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler")
@@ -238,3 +238,86 @@ def test_native_spectral_product_gradcheck_and_float32_threads(monkeypatch):
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     with pytest.raises(ValueError, match="do not match parameters"):
         _fused_product(x, [p.detach().float() for p in params], 7, (14, 14, 14))  # float64 x, float32 params
+
+
+@needs_native
+@pytest.mark.parametrize("d,cin", [(3, 32), (2, 48), (3, 19)])  # rows of 64-byte multiples; partial blocks
+def test_streamed_weight_stores_write_the_same_weight(monkeypatch, d, cin):
+    # Weights larger than the last-level cache are written with non-temporal stores (csrc put_row): the
+    # same values, bit for bit, as the plain stores, in float32 and float64, on uneven thread ranges.
+    params = _params(5, cin, d, seed=9)
+    monkeypatch.setattr(separable, "MIN_PER_THREAD", 16)
+    for dtype in (torch.float32, torch.float64):
+        typed = [p.detach().to(dtype) for p in params]
+        plain = _on_threads(3, lambda t=typed: _weight(t, 7, native=True))
+        monkeypatch.setattr(separable, "last_level_cache_bytes", lambda: 0)  # every weight "too large"
+        streamed = _on_threads(3, lambda t=typed: _weight(t, 7, native=True))
+        monkeypatch.undo()
+        monkeypatch.setattr(separable, "MIN_PER_THREAD", 16)
+        assert torch.equal(streamed, plain)
+
+
+def test_largest_cache_is_read_from_sysfs(tmp_path):
+    for index, size in (("index0", "48K"), ("index2", "1024K"), ("index3", "32768K"), ("index9", "?")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert separable.largest_cache_bytes(tmp_path) == 32 << 20
+    assert separable.largest_cache_bytes(tmp_path / "missing") == 0
+    assert separable.last_level_cache_bytes() > 0
+
+
+def test_fused_gradient_pays_on_the_deepest_levels():
+    # Products per tap, batch x sum over offsets r of (n - |r|)_+ per axis, against 48 per tap:
+    # 4^3 with 7^3 taps: 4 + 2 (3 + 2 + 1) = 16 per axis, 16^3 = 4096 <= 48 * 343 = 16464 up to batch 4;
+    # 6^3: 6 + 2 (5 + 4 + 3) = 30 per axis, 27000 > 16464; 2^3 with its reach 3: (1 + 2 + 1)^3 = 64 <= 1296.
+    assert separable.fused_gradient_pays(1, (4, 4, 4), 7) and separable.fused_gradient_pays(4, (4, 4, 4), 7)
+    assert not separable.fused_gradient_pays(5, (4, 4, 4), 7)
+    assert not separable.fused_gradient_pays(1, (6, 6, 6), 7)
+    assert separable.fused_gradient_pays(8, (2, 2, 2), 3)
+    # 2D 8^2: (8 + 2 (7 + 6 + 5))^2 = 1936 <= 48 * 49 = 2352 for one image, not for two
+    assert separable.fused_gradient_pays(1, (8, 8), 7) and not separable.fused_gradient_pays(2, (8, 8), 7)
+
+
+def _conv(x, params, k, bias, impl, fused: bool):
+    sigma, angles, amplitudes = _split(params)
+    if fused:
+        return separable.gabor_conv(x, sigma, angles, *amplitudes, k, bias, impl)
+    weight = separable.gabor_weight(sigma, angles, *amplitudes, k, weight_channels_last(x, impl))
+    return same_conv(x, weight, bias, impl)
+
+
+@needs_native
+@pytest.mark.parametrize("d,spatial,k", [(3, (4, 4, 4), 7), (3, (3, 2, 4), 5), (2, (4, 5), 7)])
+@pytest.mark.parametrize("impl", ["direct", "direct_contiguous"])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_gabor_conv_equals_the_convolution_with_the_generated_weight(d, spatial, k, impl, channels_last):
+    # gabor_conv forms the parameters' gradient from x and the output gradient (csrc gabor_conv_backward)
+    # instead of from dL/dW: values and gradients (x, bias, every parameter) equal the convolution with the
+    # generated weight; batch 2, full and partial blocks (cin 19), offsets reaching past non-cubic volumes.
+    params = _params(3, 19, d, seed=10)
+    x = torch.randn(2, 19, *spatial, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d if d == 3 else torch.channels_last)
+    x.requires_grad_()
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    got, want = _conv(x, params, k, bias, impl, fused=True), _conv(x, params, k, bias, impl, fused=False)
+    _same_values_and_gradients(got, want, [x, bias, *params])
+
+
+@needs_native
+def test_gabor_conv_gradcheck_float32_threads_and_bad_input(monkeypatch):
+    params = _params(2, 17, 3, seed=11)
+    x = torch.randn(1, 17, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *p: _conv(x, p, 3, None, "direct", fused=True), [x, *params])
+    x = torch.randn(2, 17, 4, 4, 4, dtype=torch.float64)
+    want = torch.autograd.grad(_conv(x, params, 7, None, "direct", fused=False).square().sum(), params)
+    monkeypatch.setattr(separable, "MIN_PER_THREAD", 8)  # 2 x 2 blocks over 3 threads: uneven ranges
+    floats = [p.detach().float().requires_grad_() for p in params]
+    loss = lambda: _conv(x.float(), floats, 7, None, "direct", fused=True).square().sum()  # noqa: E731
+    got = _on_threads(3, lambda: torch.autograd.grad(loss(), floats))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
+    with pytest.raises(ValueError, match="do not match parameters"):
+        _conv(x, floats, 7, None, "direct", fused=True)  # float64 x, float32 parameters
+    with pytest.raises(ValueError, match="impl must be direct or direct_contiguous"):
+        _conv(x, params, 7, None, "fft", fused=True)

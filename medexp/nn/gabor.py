@@ -38,7 +38,14 @@ from medexp.nn.fftconv import (
     spectrum_product,
     weight_channels_last,
 )
-from medexp.nn.separable import gabor_spectral_product, gabor_spectrum, gabor_weight, native_available
+from medexp.nn.separable import (
+    fused_gradient_pays,
+    gabor_conv,
+    gabor_spectral_product,
+    gabor_spectrum,
+    gabor_weight,
+    native_available,
+)
 
 NAMES_3D = ("sigma", "theta_y", "theta_z", "a_re", "a_im", "f_re", "f_im", "psi")
 NAMES_2D = ("sigma", "theta", "a_re", "a_im", "f_re", "f_im", "psi")
@@ -356,8 +363,24 @@ class _GaborConvNd(nn.Module):
         if impl == "fft" and len(set(taps)) == 1:
             product = self.spectral_product(taps[0])
             return spectral_conv(x, shape, product, self.bias, fused_tiles=self.fused_tiles())
+        if impl in ("direct", "direct_contiguous") and self._fuses_gradient(x, taps):
+            angles = tuple(getattr(self, name) for name in self.angle_names)
+            amplitudes = (self.a_re, self.a_im, self.f_re, self.f_im, self.psi)
+            return gabor_conv(x, self.sigma, angles, *amplitudes, taps[0], self.bias, impl)
         weight = self.kernel(max(taps), channels_last=weight_channels_last(x, impl))
         return same_conv(x, crop_to_reach(weight, spatial), self.bias, impl)
+
+    def _fuses_gradient(self, x: Tensor, taps: tuple[int, ...]) -> bool:
+        """Whether the direct paths run `gabor_conv`, which forms the parameters' gradient without dL/dW:
+        while training, on CPU with the C kernels, for a cubic reach and where `fused_gradient_pays`."""
+        return (
+            self._params_record_grad()
+            and len(set(taps)) == 1
+            and native_available(self.sigma_raw)
+            and x.dtype == self.sigma_raw.dtype
+            and x.device == self.sigma_raw.device
+            and fused_gradient_pays(x.shape[0], tuple(x.shape[2:]), taps[0])
+        )
 
     def extra_repr(self) -> str:
         return (

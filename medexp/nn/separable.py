@@ -35,12 +35,14 @@ import ctypes
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from medexp.nn import native
-from medexp.nn.fftconv import kernel_spectrum
+from medexp.nn.fftconv import direct_contiguous_conv, direct_conv, kernel_spectrum, weight_channels_last
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -105,6 +107,9 @@ def expand_torch(q: Tensor, k: int) -> Tensor:
 
 
 BLOCK = 16  # BW of csrc/separable.c: pairs (consecutive input channels) per block
+LAYOUT_CONTIGUOUS, LAYOUT_STREAM = 1, 2  # gabor_expand's layout flags (csrc/separable.c)
+DEFAULT_CACHE_BYTES = 32 << 20  # when sysfs does not say
+FUSED_GRAD_MAX_PER_TAP = 48  # see `fused_gradient_pays`
 MIN_PER_THREAD = 2048  # pairs; fewer per thread: one call on this thread (a wake-up costs more)
 _POOL: ThreadPoolExecutor | None = None
 
@@ -135,6 +140,27 @@ def _run_chunked(fn, units: int, per_unit: int, *args) -> None:
         failed |= any([future.result() for future in futures])
     if failed:
         raise MemoryError(f"medexp: {fn.__name__} could not allocate its work arrays")
+
+
+def largest_cache_bytes(cache_dir: Path) -> int:
+    """The largest cache listed under a sysfs cpu cache folder (index*/size, e.g. "32768K"); 0 if none."""
+    sizes = [0]
+    for index in cache_dir.glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes)
+
+
+@cache
+def last_level_cache_bytes() -> int:
+    """cpu0's last-level cache (Linux sysfs); DEFAULT_CACHE_BYTES where the system does not say."""
+    return largest_cache_bytes(Path("/sys/devices/system/cpu/cpu0/cache")) or DEFAULT_CACHE_BYTES
 
 
 def _pointer(t: Tensor) -> ctypes.c_void_p:
@@ -181,22 +207,33 @@ def _param_grads(grads: list[Tensor], d: int) -> tuple:
     return grads[0], grads[1], grads[2] if d == 3 else None, *grads[3:]
 
 
+def _native_expand(params: list[Tensor], d: int, k: int, channels_last: bool) -> tuple[Tensor, ...]:
+    """The (cout, cin, k, .., k) weight from the parameters by the C kernels, in the layout asked, and the
+    rows q, e it was expanded from."""
+    q, e = _native_rows(params, d)
+    (cout, cin), pairs = params[0].shape, params[0].numel()
+    # (cout, k.., cin) is the channels-last memory of the (cout, cin, k.., k) weight
+    shape = (cout, *[k] * d, cin) if channels_last else (cout, cin, *[k] * d)
+    out = params[0].new_empty(shape)
+    # a weight larger than the last-level cache goes past it (non-temporal stores; see csrc put_row)
+    stream = out.numel() * out.element_size() > last_level_cache_bytes()
+    layout = (0 if channels_last else LAYOUT_CONTIGUOUS) | (LAYOUT_STREAM if stream else 0)
+    args = (_pointer(q), _pointer(e), _pointer(out), *_longs(pairs, cin), d, k, layout)
+    expand = getattr(native.library(), f"gabor_expand_{_SUFFIX[q.dtype]}")
+    _run_chunked(expand, cout * -(-cin // BLOCK), BLOCK, *args)
+    return (out.movedim(-1, 1) if channels_last else out), q, e  # (cout, cin, k, .., k)
+
+
 class _NativeGabor(torch.autograd.Function):
     """`expand_torch(rows_torch(...))` by the C kernels: parameters -> q, e -> taps, and back."""
 
     @staticmethod
     def forward(ctx, k: int, channels_last: bool, sigma, theta_y, theta_z, *amplitudes) -> Tensor:
         params, d = _contiguous_params(sigma, theta_y, theta_z, amplitudes)
-        q, e = _native_rows(params, d)
-        (cout, cin), pairs = sigma.shape, sigma.numel()
-        # (cout, k.., cin) is the channels-last memory of the (cout, cin, k.., k) weight
-        out = sigma.new_empty(cout, *[k] * d, cin) if channels_last else sigma.new_empty(cout, cin, *[k] * d)
-        args = (_pointer(q), _pointer(e), _pointer(out), *_longs(pairs, cin), d, k, int(not channels_last))
-        expand = getattr(native.library(), f"gabor_expand_{_SUFFIX[q.dtype]}")
-        _run_chunked(expand, cout * -(-cin // BLOCK), BLOCK, *args)
+        out, q, e = _native_expand(params, d, k, channels_last)
         ctx.save_for_backward(*params, q, e)
         ctx.k, ctx.d, ctx.channels_last = k, d, channels_last
-        return out.movedim(-1, 1) if channels_last else out  # (cout, cin, k, .., k)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -213,6 +250,49 @@ class _NativeGabor(torch.autograd.Function):
         expand_backward = getattr(native.library(), f"gabor_expand_backward_{_SUFFIX[q.dtype]}")
         _run_chunked(expand_backward, cout * -(-cin // BLOCK), BLOCK, *args)
         return None, None, *_param_grads(_native_rows_backward(params, dq, d), d)
+
+
+class _NativeGaborConv(torch.autograd.Function):
+    """'Same' convolution of x with the generated weight (`direct_conv` or `direct_contiguous_conv`) whose
+    parameters' gradient is formed from x and the output gradient block by block by the C kernels
+    (csrc gabor_conv_backward), never as dL/dW: for small volumes, see `fused_gradient_pays`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, k: int, impl: str, bias, sigma, theta_y, theta_z, *amplitudes) -> Tensor:
+        params, d = _contiguous_params(sigma, theta_y, theta_z, amplitudes)
+        weight, q, e = _native_expand(params, d, k, channels_last=weight_channels_last(x, impl))
+        ctx.save_for_backward(x, weight, *params, q, e)
+        ctx.k, ctx.d, ctx.contiguous = k, d, impl == "direct_contiguous"
+        return (direct_contiguous_conv if ctx.contiguous else direct_conv)(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, *params, q, e = ctx.saved_tensors
+        d, k, needs = ctx.d, ctx.k, ctx.needs_input_grad
+        grad_x = grad_bias = None
+        if needs[0]:  # the input gradient by oneDNN, with the tensors of the forward's convolution
+            xs, gs = (x.contiguous(), grad.contiguous()) if ctx.contiguous else (x, grad)
+            ones, pads = [1] * d, [k // 2] * d
+            grad_x = torch.ops.aten.convolution_backward(
+                gs, xs, weight, None, ones, pads, ones, False, [0] * d, 1, [True, False, False]
+            )[0]
+        if needs[3]:
+            grad_bias = grad.sum(dim=(0, *range(2, 2 + d)))
+        grads = [None] * len(params)
+        if any(needs[4:]):
+            (cout, cin), pairs = params[0].shape, params[0].numel()
+            x_last = x.movedim(1, -1).contiguous()  # (B, *S, cin): no copy when channels-last
+            grad_last = grad.movedim(1, -1).contiguous()
+            dq = torch.empty_like(q)
+            sizes = (ctypes.c_long * d)(*x.shape[2:])
+            lib, suffix = native.library(), _SUFFIX[q.dtype]
+            pointers = (_pointer(q), _pointer(e), _pointer(x_last), _pointer(grad_last), _pointer(dq))
+            args = (*pointers, *_longs(pairs, cin, cout), d, k, sizes, ctypes.c_long(x.shape[0]))
+            # a block's work is ~4 times its expansion's (the correlation, then the same reduction)
+            conv_backward = getattr(lib, f"gabor_conv_backward_{suffix}")
+            _run_chunked(conv_backward, cout * -(-cin // BLOCK), 4 * BLOCK, *args)
+            grads = _native_rows_backward(params, dq, d)
+        return grad_x, None, None, grad_bias, *_param_grads(grads, d)
 
 
 class _NativeGaborSpectrum(torch.autograd.Function):
@@ -341,6 +421,39 @@ def gabor_weight(
         theta_z = angles[1] if len(angles) == 2 else None
         return _NativeGabor.apply(k, channels_last, sigma, angles[0], theta_z, *amplitudes)
     return expand_torch(rows_torch(sigma, angles, *amplitudes), k)
+
+
+def fused_gradient_pays(batch: int, spatial: tuple[int, ...], k: int) -> bool:
+    """Whether `gabor_conv` (the parameters' gradient formed in the C reduction) beats materialising dL/dW
+    for a 'same' convolution of k^d taps over `batch` volumes of size `spatial`: when every tap's gradient
+    is a short sum, batch x (voxels v with v + r inside) at most FUSED_GRAD_MAX_PER_TAP products per tap on
+    average. That holds on the deepest levels (4^3: 12 per tap and sample) and not above (6^3: 79, 8^3:
+    248); `python scripts/bench.py --sections gradient` measures both paths around the limit."""
+    h = k // 2
+    products = batch * math.prod(sum(max(0, n - abs(r)) for r in range(-h, h + 1)) for n in spatial)
+    return products <= FUSED_GRAD_MAX_PER_TAP * k ** len(spatial)
+
+
+def gabor_conv(
+    x: Tensor, sigma, angles: tuple[Tensor, ...], a_re, a_im, f_re, f_im, psi, k: int, bias, impl: str
+) -> Tensor:
+    """'Same' convolution of x (B, cin, *S) by the Gabor weight `gabor_weight(..., k)` (impl "direct" or
+    "direct_contiguous", as `medexp.nn.fftconv.same_conv`) whose parameters' gradient the C kernels form from
+    x and the output gradient block by block, never holding dL/dW (csrc gabor_conv_backward); callers check
+    `native_available` and `fused_gradient_pays` first. Differentiable in x, bias and all parameters."""
+    if not native_available(sigma):
+        raise RuntimeError("gabor_conv needs medexp's C kernels (CPU, float32/float64)")
+    if impl not in ("direct", "direct_contiguous"):
+        raise ValueError(f"gabor_conv: impl must be direct or direct_contiguous, got {impl!r}")
+    shape_ok = x.dim() == len(angles) + 3 and x.shape[1] == sigma.shape[1]
+    if not shape_ok or x.dtype != sigma.dtype or x.device != sigma.device or k < 1 or k % 2 == 0:
+        raise ValueError(
+            f"gabor_conv: input {tuple(x.shape)} {x.dtype} and kernel size {k} do not match parameters "
+            f"{tuple(sigma.shape)} {sigma.dtype}; expected (B, cin, *spatial) of the same dtype, odd k"
+        )
+    theta_z = angles[1] if len(angles) == 2 else None
+    amplitudes = (a_re, a_im, f_re, f_im, psi)
+    return _NativeGaborConv.apply(x, k, impl, bias, sigma, angles[0], theta_z, *amplitudes)
 
 
 def gabor_spectral_product(

@@ -3,6 +3,7 @@
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* SEP_MVEC: the C library has vector variants of sin, cos and exp (glibc's libmvec, linked with -lmvec);
  * declaring them `omp declare simd` (and free of side effects, with -fno-builtin-sin.. so that the compiler
@@ -25,6 +26,17 @@ double exp(double) __attribute__((const));
 
 /* Denormal floats (far taps of a narrow envelope, exp(-s r^2) below 1e-38) cost ~100 cycles per operation on
  * x86: the kernels flush them to zero (FTZ, DAZ) while they run and restore the caller's setting. */
+/* layout flags of gabor_expand */
+#define LAYOUT_CONTIGUOUS 1 /* (cout, cin, k..) instead of channels-last (cout, k.., cin) */
+#define LAYOUT_STREAM 2     /* non-temporal stores (channels-last rows) */
+
+#if defined(__AVX__) || defined(__AVX512F__)
+#include <immintrin.h>
+#define STREAM_FENCE _mm_sfence(); /* non-temporal stores are weakly ordered: complete them before returning */
+#else
+#define STREAM_FENCE
+#endif
+
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #define FLUSH_DENORMALS_BEGIN const unsigned int saved_csr = _mm_getcsr(); _mm_setcsr(saved_csr | 0x8040);

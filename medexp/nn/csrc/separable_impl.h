@@ -34,9 +34,49 @@
 #define PLANE FN(plane)
 #define PREPARE FN(prepare_block)
 #define FACTORS_BACKWARD FN(factors_backward)
+#define PUT_ROW FN(put_row)
+#define BLOCK_BACKWARD FN(block_backward)
+#define VEC FN(vec)
 /* offsets into the block's arrays: factor (axis j, tap a, term t, re/im ri) and plane entry (term t, m) */
 #define FAC(j, a, t, ri) (((((j) * k + (a)) * 2 + (t)) * 2 + (ri)) * BW)
 #define PL(t, m) (((t) * plane + (m)) * BW)
+/* tap (a + j, m) of lane l: Re(Z_0 Y_0 + Z_1 Y_1), z = the factors at a, y = the plane at m (forward) */
+#define TAP(z, j, l)                                                                                          \
+    ((z)[(4 * (j) + 0) * BW + (l)] * yr0[l] - (z)[(4 * (j) + 1) * BW + (l)] * yi0[l] +                       \
+     (z)[(4 * (j) + 2) * BW + (l)] * yr1[l] - (z)[(4 * (j) + 3) * BW + (l)] * yi1[l])
+
+/* dst[l] = v[l] for the BW lanes of a row; with `stream`, as non-temporal stores where the CPU has them
+ * (dst 64-byte aligned): a weight larger than the last-level cache would only pass through it, evicting what
+ * the convolution reads next, and each line would be read from memory before it is overwritten. */
+static inline void FN(put_row)(REAL *restrict dst, const REAL *restrict v, int stream) {
+#if defined(__AVX512F__)
+    if (stream) {
+        for (int j = 0; j < (int)(BW * sizeof(REAL)); j += 64) {
+            if (sizeof(REAL) == 4)
+                _mm512_stream_ps((float *)dst + j / 4, _mm512_loadu_ps((const float *)v + j / 4));
+            else
+                _mm512_stream_pd((double *)dst + j / 8, _mm512_loadu_pd((const double *)v + j / 8));
+        }
+        return;
+    }
+#elif defined(__AVX__)
+    if (stream) {
+        for (int j = 0; j < (int)(BW * sizeof(REAL)); j += 32) {
+            if (sizeof(REAL) == 4)
+                _mm256_stream_ps((float *)dst + j / 4, _mm256_loadu_ps((const float *)v + j / 4));
+            else
+                _mm256_stream_pd((double *)dst + j / 8, _mm256_loadu_pd((const double *)v + j / 8));
+        }
+        return;
+    }
+#endif
+    (void)stream;
+#pragma omp simd
+    for (int l = 0; l < BW; l++) dst[l] = v[l];
+}
+
+/* BW lanes as one value (GCC / Clang vector extension): kept in vector registers, + and * lane-wise */
+typedef REAL VEC __attribute__((vector_size(BW * sizeof(REAL))));
 
 typedef struct {
     REAL *qs, *es, *phi, *fac, *dfac, *yr, *yi, *gr, *gi, *tile, *dqs;
@@ -175,10 +215,12 @@ static void FACTORS_BACKWARD(FN(work) * w, int d, int k) {
 }
 
 /* Forward: the taps of blocks b0 <= block < b1 (block = o * ceil(cin / BW) + i / BW) into out; 0, or 1 when
- * out of memory. */
-int FN(gabor_expand)(const REAL *q, const REAL *e, REAL *out, long pairs, long cin, int d, int k,
-                     int contiguous, long b0, long b1) {
-    const int plane = (d == 3 ? k : 1) * k, taps = k * plane;
+ * out of memory. layout: LAYOUT_CONTIGUOUS or not (channels-last), | LAYOUT_STREAM for non-temporal stores
+ * of the channels-last rows (used when 64-byte aligned). */
+int FN(gabor_expand)(const REAL *q, const REAL *e, REAL *out, long pairs, long cin, int d, int k, int layout,
+                     long b0, long b1) {
+    const int plane = (d == 3 ? k : 1) * k, taps = k * plane, contiguous = layout & LAYOUT_CONTIGUOUS;
+    const int aligned = cin * sizeof(REAL) % 64 == 0 && (unsigned long)out % 64 == 0;
     FN(work) w;
     REAL *base = WORKSPACE(&w, d, k);
     if (!base) return 1; /* out of memory: the caller raises */
@@ -187,20 +229,31 @@ int FN(gabor_expand)(const REAL *q, const REAL *e, REAL *out, long pairs, long c
         long o, i0, p0;
         const int n = PREPARE(q, e, pairs, cin, d, k, block, &w, &o, &i0, &p0);
         /* a full channels-last block writes straight into out (stride cin between taps), others into the tile */
-        const int direct = n == BW && !contiguous;
+        const int direct = n == BW && !contiguous, stream = direct && aligned && (layout & LAYOUT_STREAM);
         REAL *dst = direct ? out + o * taps * cin + i0 : w.tile;
-        const long stride = direct ? cin : BW;
-        for (int a = 0; a < k; a++) {
-            const REAL *zr0 = w.fac + FAC(0, a, 0, 0), *zi0 = zr0 + BW, *zr1 = zi0 + BW, *zi1 = zr1 + BW;
+        const long stride = direct ? cin : BW, next = plane * stride; /* next: the same m one row of a on */
+        int a = 0;
+        for (; a + 4 <= k; a += 4) /* four rows of the first axis per load of the plane (register blocking) */
             for (int m = 0; m < plane; m++) {
-                const REAL *yr0 = w.yr + PL(0, m), *yi0 = w.yi + PL(0, m);
-                const REAL *yr1 = w.yr + PL(1, m), *yi1 = w.yi + PL(1, m);
-                REAL *row = dst + (a * plane + m) * stride;
+                const REAL *restrict yr0 = w.yr + PL(0, m), *restrict yi0 = w.yi + PL(0, m);
+                const REAL *restrict yr1 = w.yr + PL(1, m), *restrict yi1 = w.yi + PL(1, m);
+                const REAL *restrict z = w.fac + FAC(0, a, 0, 0); /* rows (a + j, t, re/im) of BW */
+                REAL *row = dst + (a * plane + m) * stride, v0[BW], v1[BW], v2[BW], v3[BW];
 #pragma omp simd
-                for (int l = 0; l < BW; l++)
-                    row[l] = zr0[l] * yr0[l] - zi0[l] * yi0[l] + zr1[l] * yr1[l] - zi1[l] * yi1[l];
+                for (int l = 0; l < BW; l++) v0[l] = TAP(z, 0, l), v1[l] = TAP(z, 1, l), v2[l] = TAP(z, 2, l), v3[l] = TAP(z, 3, l);
+                PUT_ROW(row, v0, stream), PUT_ROW(row + next, v1, stream);
+                PUT_ROW(row + 2 * next, v2, stream), PUT_ROW(row + 3 * next, v3, stream);
             }
-        }
+        for (; a < k; a++)
+            for (int m = 0; m < plane; m++) {
+                const REAL *restrict yr0 = w.yr + PL(0, m), *restrict yi0 = w.yi + PL(0, m);
+                const REAL *restrict yr1 = w.yr + PL(1, m), *restrict yi1 = w.yi + PL(1, m);
+                const REAL *restrict z = w.fac + FAC(0, a, 0, 0);
+                REAL v0[BW];
+#pragma omp simd
+                for (int l = 0; l < BW; l++) v0[l] = TAP(z, 0, l);
+                PUT_ROW(dst + (a * plane + m) * stride, v0, stream);
+            }
         if (contiguous)
             for (int l = 0; l < n; l++) {
                 REAL *row = out + (p0 + l) * taps; /* pair p0 + l's taps */
@@ -210,13 +263,15 @@ int FN(gabor_expand)(const REAL *q, const REAL *e, REAL *out, long pairs, long c
             for (int tap = 0; tap < taps; tap++)
                 for (int l = 0; l < n; l++) out[(o * taps + tap) * cin + i0 + l] = w.tile[tap * BW + l];
     }
+    STREAM_FENCE
     FLUSH_DENORMALS_END
     free(base);
     return 0;
 }
 
-/* Backward: dq of the pairs in blocks b0 <= block < b1 from grad = dL/dW (layout of out), in three steps:
- * 1. onto the first axis and the plane (G = grad, YX = the plane):
+/* A block's dq from its taps' gradient G (rows of BW lanes, `stride` apart), in three steps; the block's
+ * factors and plane are in w (PREPARE), and lanes l < n are written to dq[c * pairs + p0 + l]:
+ * 1. onto the first axis and the plane (YX = the plane):
  *      dL/dRe Z_t[a] = sum_m G[a, m] Re YX_t[m],   dL/dIm Z_t[a] = -sum_m G[a, m] Im YX_t[m],
  *      dL/dRe YX_t[m] = sum_a G[a, m] Re Z_t[a],   dL/dIm YX_t[m] = -sum_a G[a, m] Im Z_t[a];
  * 2. onto the other axes by the product rule: for w = u v and gw = dL/dRe w + i dL/dIm w,
@@ -224,9 +279,69 @@ int FN(gabor_expand)(const REAL *q, const REAL *e, REAL *out, long pairs, long c
  *      dL/dphi = dF conj(c) and dL/dc_t = sum_a dF[a, t] conj(phi[a, t]) on the last axis;
  * 3. onto s and w with dphi/ds = -r^2 phi, dphi/dw = i r phi:
  *      dL/ds = -sum r_a^2 Re(dphi conj(phi)),  dL/dw_jt = sum_a r_a Im(dphi conj(phi)). */
+static void BLOCK_BACKWARD(FN(work) * w, const REAL *src, long stride, int d, int k, REAL *dq, long pairs,
+                           long p0, int n) {
+    const int plane = (d == 3 ? k : 1) * k, nq = 1 + 2 * d + 4;
+    /* step 1 */
+    for (long i = 0; i < 2L * plane * BW; i++) w->gr[i] = w->gi[i] = 0;
+    for (int a = 0; a < k; a++) {
+        const REAL *zr0 = w->fac + FAC(0, a, 0, 0), *zi0 = zr0 + BW, *zr1 = zi0 + BW, *zi1 = zr1 + BW;
+        REAL s0r[BW] = {0}, s0i[BW] = {0}, s1r[BW] = {0}, s1i[BW] = {0};
+        for (int m = 0; m < plane; m++) {
+            const REAL *g = src + (a * plane + m) * stride;
+            __builtin_prefetch(g + PREFETCH * stride, 0); /* taps a cache line apart: measured 10% */
+            const REAL *yr0 = w->yr + PL(0, m), *yi0 = w->yi + PL(0, m);
+            const REAL *yr1 = w->yr + PL(1, m), *yi1 = w->yi + PL(1, m);
+            REAL *gr0 = w->gr + PL(0, m), *gi0 = w->gi + PL(0, m), *gr1 = w->gr + PL(1, m), *gi1 = w->gi + PL(1, m);
+#pragma omp simd
+            for (int l = 0; l < BW; l++) {
+                s0r[l] += g[l] * yr0[l], s0i[l] += g[l] * yi0[l];
+                s1r[l] += g[l] * yr1[l], s1i[l] += g[l] * yi1[l];
+                gr0[l] += g[l] * zr0[l], gi0[l] -= g[l] * zi0[l];
+                gr1[l] += g[l] * zr1[l], gi1[l] -= g[l] * zi1[l];
+            }
+        }
+        REAL *dz = w->dfac + FAC(0, a, 0, 0);
+        for (int l = 0; l < BW; l++)
+            dz[l] = s0r[l], dz[BW + l] = -s0i[l], dz[2 * BW + l] = s1r[l], dz[3 * BW + l] = -s1i[l];
+    }
+    /* step 2: the plane onto its axes (the middle one only in 3D); then step 2b (c off the last axis) and 3 */
+    for (int c = 0; c < k; c++)
+        for (int t = 0; t < 2; t++)
+            for (int l = 0; l < 2 * BW; l++) w->dfac[FAC(d - 1, c, t, 0) + l] = 0;
+    for (int b = 0; b < (d == 3 ? k : 1); b++)
+        for (int t = 0; t < 2; t++) {
+            const REAL *u = d == 3 ? w->fac + FAC(1, b, t, 0) : 0;
+            REAL dur[BW] = {0}, dui[BW] = {0};
+            for (int c = 0; c < k; c++) {
+                const REAL *v = w->fac + FAC(d - 1, c, t, 0), *wr = w->gr + PL(t, b * k + c);
+                const REAL *wi = w->gi + PL(t, b * k + c);
+                REAL *dv = w->dfac + FAC(d - 1, c, t, 0);
+                if (d == 3) {
+#pragma omp simd
+                    for (int l = 0; l < BW; l++) {
+                        dur[l] += wr[l] * v[l] + wi[l] * v[BW + l], dui[l] += wi[l] * v[l] - wr[l] * v[BW + l];
+                        dv[l] += wr[l] * u[l] + wi[l] * u[BW + l], dv[BW + l] += wi[l] * u[l] - wr[l] * u[BW + l];
+                    }
+                } else {
+                    for (int l = 0; l < BW; l++) dv[l] += wr[l], dv[BW + l] += wi[l];
+                }
+            }
+            if (d == 3) {
+                REAL *du = w->dfac + FAC(1, b, t, 0);
+                for (int l = 0; l < BW; l++) du[l] = dur[l], du[BW + l] = dui[l];
+            }
+        }
+    FACTORS_BACKWARD(w, d, k);
+    for (int l = 0; l < n; l++)
+        for (int c = 0; c < nq; c++) dq[c * pairs + p0 + l] = w->dqs[c * BW + l];
+}
+
+/* Backward: dq of the pairs in blocks b0 <= block < b1 from grad = dL/dW (layout of out), by BLOCK_BACKWARD;
+ * full channels-last blocks read grad in place, the others through the tile. */
 int FN(gabor_expand_backward)(const REAL *q, const REAL *e, const REAL *grad, REAL *dq, long pairs, long cin,
                               int d, int k, int contiguous, long b0, long b1) {
-    const int plane = (d == 3 ? k : 1) * k, taps = k * plane, nq = 1 + 2 * d + 4;
+    const int plane = (d == 3 ? k : 1) * k, taps = k * plane;
     FN(work) w;
     REAL *base = WORKSPACE(&w, d, k);
     if (!base) return 1; /* out of memory: the caller raises */
@@ -249,61 +364,65 @@ int FN(gabor_expand_backward)(const REAL *q, const REAL *e, const REAL *grad, RE
                 for (int l = 0; l < BW; l++) w.tile[tap * BW + l] = l < n ? src[tap * cin + l] : 0;
             src = w.tile, stride = BW;
         }
-        /* step 1 */
-        for (long i = 0; i < 2L * plane * BW; i++) w.gr[i] = w.gi[i] = 0;
-        for (int a = 0; a < k; a++) {
-            const REAL *zr0 = w.fac + FAC(0, a, 0, 0), *zi0 = zr0 + BW, *zr1 = zi0 + BW, *zi1 = zr1 + BW;
-            REAL s0r[BW] = {0}, s0i[BW] = {0}, s1r[BW] = {0}, s1i[BW] = {0};
-            for (int m = 0; m < plane; m++) {
-                const REAL *g = src + (a * plane + m) * stride;
-                __builtin_prefetch(g + PREFETCH * stride, 0); /* taps a cache line apart: measured 10% */
-                const REAL *yr0 = w.yr + PL(0, m), *yi0 = w.yi + PL(0, m);
-                const REAL *yr1 = w.yr + PL(1, m), *yi1 = w.yi + PL(1, m);
-                REAL *gr0 = w.gr + PL(0, m), *gi0 = w.gi + PL(0, m), *gr1 = w.gr + PL(1, m), *gi1 = w.gi + PL(1, m);
-#pragma omp simd
-                for (int l = 0; l < BW; l++) {
-                    s0r[l] += g[l] * yr0[l], s0i[l] += g[l] * yi0[l];
-                    s1r[l] += g[l] * yr1[l], s1i[l] += g[l] * yi1[l];
-                    gr0[l] += g[l] * zr0[l], gi0[l] -= g[l] * zi0[l];
-                    gr1[l] += g[l] * zr1[l], gi1[l] -= g[l] * zi1[l];
-                }
-            }
-            REAL *dz = w.dfac + FAC(0, a, 0, 0);
-            for (int l = 0; l < BW; l++)
-                dz[l] = s0r[l], dz[BW + l] = -s0i[l], dz[2 * BW + l] = s1r[l], dz[3 * BW + l] = -s1i[l];
-        }
-        /* step 2: the plane onto its axes (the middle one only in 3D); then step 2b (c off the last axis) and 3 */
-        for (int c = 0; c < k; c++)
-            for (int t = 0; t < 2; t++)
-                for (int l = 0; l < 2 * BW; l++) w.dfac[FAC(d - 1, c, t, 0) + l] = 0;
-        for (int b = 0; b < (d == 3 ? k : 1); b++)
-            for (int t = 0; t < 2; t++) {
-                const REAL *u = d == 3 ? w.fac + FAC(1, b, t, 0) : 0;
-                REAL dur[BW] = {0}, dui[BW] = {0};
-                for (int c = 0; c < k; c++) {
-                    const REAL *v = w.fac + FAC(d - 1, c, t, 0), *wr = w.gr + PL(t, b * k + c);
-                    const REAL *wi = w.gi + PL(t, b * k + c);
-                    REAL *dv = w.dfac + FAC(d - 1, c, t, 0);
-                    if (d == 3) {
-#pragma omp simd
-                        for (int l = 0; l < BW; l++) {
-                            dur[l] += wr[l] * v[l] + wi[l] * v[BW + l], dui[l] += wi[l] * v[l] - wr[l] * v[BW + l];
-                            dv[l] += wr[l] * u[l] + wi[l] * u[BW + l], dv[BW + l] += wi[l] * u[l] - wr[l] * u[BW + l];
-                        }
-                    } else {
-                        for (int l = 0; l < BW; l++) dv[l] += wr[l], dv[BW + l] += wi[l];
-                    }
-                }
-                if (d == 3) {
-                    REAL *du = w.dfac + FAC(1, b, t, 0);
-                    for (int l = 0; l < BW; l++) du[l] = dur[l], du[BW + l] = dui[l];
-                }
-            }
-        FACTORS_BACKWARD(&w, d, k);
-        for (int l = 0; l < n; l++)
-            for (int c = 0; c < nq; c++) dq[c * pairs + p0 + l] = w.dqs[c * BW + l];
+        BLOCK_BACKWARD(&w, src, stride, d, k, dq, pairs, p0, n);
     }
     FLUSH_DENORMALS_END
     free(base);
+    return 0;
+}
+
+/* The parameters' gradient of a 'same' convolution y = W * x + bias on a small volume, without storing
+ * dL/dW: per block, its taps' gradient
+ *     G[o, i, r] = sum_n sum_v gy[n, v, o] x[n, v + r, i]     (v and v + r inside the volume)
+ * is formed in the tile (x and gy of the volume fit in L1 / L2 here) and reduced onto dq by BLOCK_BACKWARD.
+ * Cheaper than materialising dL/dW when the volume is small: sum over taps of the valid v is 16^3 = 4096
+ * per block and sample on 4^3 voxels (7^3 taps), against 343 taps read and written from memory.
+ * x (batch, *sizes, cin) and gy (batch, *sizes, cout) are channels-last; k is the reach (taps per axis) of
+ * the kernel, odd. 0, or 1 when out of memory. */
+int FN(gabor_conv_backward)(const REAL *q, const REAL *e, const REAL *x, const REAL *gy, REAL *dq, long pairs,
+                            long cin, long cout, int d, int k, const long *sizes, long batch, long b0, long b1) {
+    /* axes A (first), B (middle, 3D only: else one tap on one voxel), C (last); tap = (a kb + b) k + c */
+    const int kb = d == 3 ? k : 1, h = k / 2, hb = kb / 2;
+    const long na = sizes[0], nb = d == 3 ? sizes[1] : 1, nc = sizes[d - 1], vol = na * nb * nc;
+    FN(work) w;
+    REAL *base = WORKSPACE(&w, d, k), *xs = (REAL *)malloc(sizeof(REAL) * batch * vol * (BW + 1));
+    if (!base || !xs) {
+        free(base), free(xs);
+        return 1; /* out of memory: the caller raises */
+    }
+    REAL *gs = xs + batch * vol * BW; /* gy of the block's o, (batch, vol) */
+    FLUSH_DENORMALS_BEGIN
+    for (long block = b0; block < b1; block++) {
+        long o, i0, p0;
+        const int n = PREPARE(q, e, pairs, cin, d, k, block, &w, &o, &i0, &p0);
+        for (long u = 0; u < batch * vol; u++) { /* x of the block's lanes, (batch, vol, BW), zeros past n */
+            for (int l = 0; l < BW; l++) xs[u * BW + l] = l < n ? x[u * cin + i0 + l] : 0;
+            gs[u] = gy[u * cout + o];
+        }
+        for (int a = 0; a < k; a++)
+            for (int b = 0; b < kb; b++)
+                for (int c = 0; c < k; c++) {
+                    const long ra = a - h, rb = b - hb, rc = c - h; /* the tap's offset */
+                    const long a0 = ra < 0 ? -ra : 0, a1 = ra > 0 ? na - ra : na;
+                    const long b0_ = rb < 0 ? -rb : 0, b1_ = rb > 0 ? nb - rb : nb;
+                    const long c0 = rc < 0 ? -rc : 0, c1 = rc > 0 ? nc - rc : nc;
+                    VEC acc = {0}; /* the tap's BW lanes, one vector (register) */
+                    for (long s = 0; s < batch; s++)
+                        for (long va = a0; va < a1; va++)
+                            for (long vb = b0_; vb < b1_; vb++) {
+                                const REAL *g = gs + ((s * na + va) * nb + vb) * nc;
+                                const REAL *xr = xs + (((s * na + va + ra) * nb + vb + rb) * nc + rc) * BW;
+                                for (long vc = c0; vc < c1; vc++) {
+                                    VEC xv;
+                                    memcpy(&xv, xr + vc * BW, sizeof xv);
+                                    acc += g[vc] * xv;
+                                }
+                            }
+                    memcpy(w.tile + ((a * kb + b) * k + c) * BW, &acc, sizeof acc);
+                }
+        BLOCK_BACKWARD(&w, w.tile, BW, d, k, dq, pairs, p0, n);
+    }
+    FLUSH_DENORMALS_END
+    free(base), free(xs);
     return 0;
 }

@@ -174,5 +174,9 @@ int FN(spectral_backward_kernel)(const REAL *q, const REAL *e, const REAL *x, co
 #undef PLANE
 #undef PREPARE
 #undef FACTORS_BACKWARD
+#undef PUT_ROW
+#undef BLOCK_BACKWARD
+#undef VEC
 #undef FAC
 #undef PL
+#undef TAP
