@@ -356,7 +356,8 @@ class _GaborConvNd(nn.Module):
         """The convolution of x by `impl` (not "auto"), generation included: for fft the kernel spectrum
         straight from the parameters (`spectral_product`); otherwise the weight, generated in the memory
         layout the implementation runs in, so that neither the weight nor its gradient is copied between
-        layouts (such copies cost up to half a 7^3 convolution, see README Performance)."""
+        layouts (such copies cost up to half a 7^3 convolution, see README Performance); while training on
+        the smallest volumes the direct paths form the parameters' gradient without dL/dW (`gabor_conv`)."""
         spatial = tuple(x.shape[2:])
         taps = tuple(reach(self.kernel_size, n) for n in spatial)
         shape = (self.out_channels, self.in_channels, *taps)

@@ -26,7 +26,9 @@ For FFT convolutions `gabor_spectrum` gives the kernel spectrum that medexp.nn.f
 would compute from the taps, straight from q (csrc/spectrum_impl.h: four rank-1 terms in the 1D transforms
 of the factors per pair), forward and backward; elsewhere through the taps. `gabor_spectral_product` is the
 FFT convolution's channel product with that spectrum, each block of it built where the product uses it and
-never stored (csrc/spectral_impl.h; C kernels only).
+never stored (csrc/spectral_impl.h; C kernels only). `gabor_conv` is the direct convolution with the weight
+whose parameters' gradient is formed from the input and the output gradient block by block, never as dL/dW
+(csrc/separable_impl.h gabor_conv_backward; C kernels only, on small volumes: `fused_gradient_pays`).
 """
 
 from __future__ import annotations

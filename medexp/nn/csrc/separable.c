@@ -24,19 +24,30 @@ double cos(double) __attribute__((const));
 double exp(double) __attribute__((const));
 #endif
 
-/* Denormal floats (far taps of a narrow envelope, exp(-s r^2) below 1e-38) cost ~100 cycles per operation on
- * x86: the kernels flush them to zero (FTZ, DAZ) while they run and restore the caller's setting. */
 /* layout flags of gabor_expand */
 #define LAYOUT_CONTIGUOUS 1 /* (cout, cin, k..) instead of channels-last (cout, k.., cin) */
 #define LAYOUT_STREAM 2     /* non-temporal stores (channels-last rows) */
 
-#if defined(__AVX__) || defined(__AVX512F__)
+/* non-temporal stores of one vector (STREAM_WIDTH bytes, aligned) from unaligned memory, where the CPU has
+ * them; they are weakly ordered, so a call that made them completes them (STREAM_FENCE) before returning */
+#if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
-#define STREAM_FENCE _mm_sfence(); /* non-temporal stores are weakly ordered: complete them before returning */
+#define STREAM_FENCE _mm_sfence();
+#if defined(__AVX512F__)
+#define STREAM_WIDTH 64
+#define STREAM_F32(dst, src) _mm512_stream_ps(dst, _mm512_loadu_ps(src))
+#define STREAM_F64(dst, src) _mm512_stream_pd(dst, _mm512_loadu_pd(src))
+#else
+#define STREAM_WIDTH 32
+#define STREAM_F32(dst, src) _mm256_stream_ps(dst, _mm256_loadu_ps(src))
+#define STREAM_F64(dst, src) _mm256_stream_pd(dst, _mm256_loadu_pd(src))
+#endif
 #else
 #define STREAM_FENCE
 #endif
 
+/* Denormal floats (far taps of a narrow envelope, exp(-s r^2) below 1e-38) cost ~100 cycles per operation on
+ * x86: the kernels flush them to zero (FTZ, DAZ) while they run and restore the caller's setting. */
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #define FLUSH_DENORMALS_BEGIN const unsigned int saved_csr = _mm_getcsr(); _mm_setcsr(saved_csr | 0x8040);

@@ -49,23 +49,13 @@
  * (dst 64-byte aligned): a weight larger than the last-level cache would only pass through it, evicting what
  * the convolution reads next, and each line would be read from memory before it is overwritten. */
 static inline void FN(put_row)(REAL *restrict dst, const REAL *restrict v, int stream) {
-#if defined(__AVX512F__)
+#if defined(STREAM_WIDTH)
     if (stream) {
-        for (int j = 0; j < (int)(BW * sizeof(REAL)); j += 64) {
+        for (int j = 0; j < (int)(BW * sizeof(REAL)); j += STREAM_WIDTH) {
             if (sizeof(REAL) == 4)
-                _mm512_stream_ps((float *)dst + j / 4, _mm512_loadu_ps((const float *)v + j / 4));
+                STREAM_F32((float *)dst + j / 4, (const float *)v + j / 4);
             else
-                _mm512_stream_pd((double *)dst + j / 8, _mm512_loadu_pd((const double *)v + j / 8));
-        }
-        return;
-    }
-#elif defined(__AVX__)
-    if (stream) {
-        for (int j = 0; j < (int)(BW * sizeof(REAL)); j += 32) {
-            if (sizeof(REAL) == 4)
-                _mm256_stream_ps((float *)dst + j / 4, _mm256_loadu_ps((const float *)v + j / 4));
-            else
-                _mm256_stream_pd((double *)dst + j / 8, _mm256_loadu_pd((const double *)v + j / 8));
+                STREAM_F64((double *)dst + j / 8, (const double *)v + j / 8);
         }
         return;
     }
@@ -240,7 +230,8 @@ int FN(gabor_expand)(const REAL *q, const REAL *e, REAL *out, long pairs, long c
                 const REAL *restrict z = w.fac + FAC(0, a, 0, 0); /* rows (a + j, t, re/im) of BW */
                 REAL *row = dst + (a * plane + m) * stride, v0[BW], v1[BW], v2[BW], v3[BW];
 #pragma omp simd
-                for (int l = 0; l < BW; l++) v0[l] = TAP(z, 0, l), v1[l] = TAP(z, 1, l), v2[l] = TAP(z, 2, l), v3[l] = TAP(z, 3, l);
+                for (int l = 0; l < BW; l++)
+                    v0[l] = TAP(z, 0, l), v1[l] = TAP(z, 1, l), v2[l] = TAP(z, 2, l), v3[l] = TAP(z, 3, l);
                 PUT_ROW(row, v0, stream), PUT_ROW(row + next, v1, stream);
                 PUT_ROW(row + 2 * next, v2, stream), PUT_ROW(row + 3 * next, v3, stream);
             }
