@@ -22,6 +22,9 @@ between variants of one section mean something.
 (d) kernel gradient: GaborConv3d impl=direct at the deepest level's 192 channels on 4^3 (batch 1, 2, 4),
     6^3 and 8^3 voxels, with the parameters' gradient formed inside the C reduction (no dL/dW) and through
     dL/dW, side by side; `medexp.nn.separable.fused_gradient_pays` chooses between them by this table.
+(e) FFT channel product: a Gabor layer's channel product (forward + backward) with its kernel spectrum built
+    inside the product and with the spectrum stored, at one tile and at 2-27 tiles (x batch), side by
+    side; `medexp.nn.gabor.FUSED_MAX_TILES` follows this table.
 (c) runner: per-job overhead, the time a job spends outside its epochs (see `job_overhead`), in a sweep
     (`sweep_job_overhead_s`) and for a job started as its own process (`process_job_overhead_s`); and the
     fraction of a training loop spent waiting for the loader (make_loader with the paper's augmentation,
@@ -61,7 +64,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from medexp.losses import PCCLoss  # noqa: E402
 from medexp.nn import separable  # noqa: E402
 from medexp.nn.conv import KernelFactory  # noqa: E402
-from medexp.nn.fftconv import auto_choices  # noqa: E402
+from medexp.nn.fftconv import auto_choices, spectrum_product  # noqa: E402
 from medexp.nn.gabor import GaborConv3d  # noqa: E402
 from medexp.nn.wong import CHANNELS, WongNet  # noqa: E402
 
@@ -200,6 +203,64 @@ def gradient_section(reps: int, k: int, channels: int = 192) -> tuple[list[str],
             f"{ratio:.2f} | {picks} |"
         )
         keys[f"fused_gradient_ratio_{n}_b{batch}"] = ratio
+    return rows, keys
+
+
+# (cin, cout, FFT size per axis, tiles x batch) of the product table: one tile at the levels' shapes, then
+# more tiles
+PRODUCT_CASES = (
+    (48, 48, 22, 1),
+    (144, 48, 22, 1),
+    (96, 96, 14, 1),
+    (288, 96, 14, 1),
+    (192, 192, 8, 1),
+    (96, 192, 8, 1),
+    (48, 48, 16, 2),
+    (48, 48, 16, 4),
+    (24, 24, 28, 8),
+    (36, 12, 28, 27),  # the stored-spectrum plans of 36->12 at 64^3 and 72->24 at 32^3
+    (72, 24, 14, 64),
+)
+
+
+def product_section(reps: int, k: int) -> tuple[list[str], dict[str, float]]:
+    """(e) the FFT path's channel product of a Gabor layer, forward + backward (input spectra and all
+    parameters): its kernel spectrum built inside the product (separable.gabor_spectral_product) or stored
+    (separable.gabor_spectrum, then the product with it); medexp.nn.gabor.FUSED_MAX_TILES follows this."""
+    rows = [
+        "| cin->cout | FFT size | tiles | built inside | stored | inside / stored |",
+        "|---|---|---|---|---|---|",
+    ]
+    keys: dict[str, float] = {}
+    for cin, cout, size, tiles in PRODUCT_CASES:
+        torch.manual_seed(0)
+        layer = GaborConv3d(cin, cout, k)
+        sizes = (size,) * 3
+        freqs = size * size * (size // 2 + 1)
+        x = torch.randn(freqs, tiles, cin, 2, requires_grad=True)
+        angles = tuple(getattr(layer, name) for name in layer.angle_names)
+        amplitudes = (layer.a_re, layer.a_im, layer.f_re, layer.f_im, layer.psi)
+        stored = spectrum_product(
+            lambda sizes, a=angles, m=amplitudes, g=layer: separable.gabor_spectrum(g.sigma, a, *m, k, sizes)
+        )
+
+        def run(product: Callable[[], torch.Tensor], layer: nn.Module = layer, x: torch.Tensor = x) -> None:
+            for p in layer.parameters():
+                p.grad = None
+            x.grad = None
+            product().square().sum().backward()
+
+        def inside(g: nn.Module = layer, a=angles, m=amplitudes, x=x, s=sizes) -> torch.Tensor:
+            return separable.gabor_spectral_product(x, g.sigma, a, *m, k, s)
+
+        def stored_product(p: Callable = stored, x=x, s=sizes) -> torch.Tensor:
+            return p(x, s)
+
+        t = interleaved({"inside": lambda f=inside: run(f), "stored": lambda f=stored_product: run(f)}, reps)
+        ratio = t["inside"] / t["stored"]
+        times = f"{1e3 * t['inside']:.1f} ms | {1e3 * t['stored']:.1f} ms"
+        rows.append(f"| {cin}->{cout} | {size}^3 | {tiles} | {times} | {ratio:.2f} |")
+        keys[f"fused_product_ratio_{cin}_{cout}_{size}_t{tiles}"] = ratio
     return rows, keys
 
 
@@ -487,6 +548,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for name, run in (
             ("layer", lambda: layer_section(sizes, reps, args.kernel_size, args.max_level)),
             ("gradient", lambda: gradient_section(reps, args.kernel_size)),
+            ("product", lambda: product_section(reps, args.kernel_size)),
             ("model", lambda: model_section(args.model_size, reps, not args.quick, args.channels)),
             ("runner", lambda: runner_section(workdir, args.model_size, reps, job_runs, args.channels)),
         ):

@@ -51,10 +51,9 @@ NAMES_3D = ("sigma", "theta_y", "theta_z", "a_re", "a_im", "f_re", "f_im", "psi"
 NAMES_2D = ("sigma", "theta", "a_re", "a_im", "f_re", "f_im", "psi")
 SIGMA_MIN = 1e-2  # floor on the softplus-reparametrised sigma: keeps 1 / sigma^2 finite
 # Tiles (x batch) up to which the FFT path builds the kernel spectrum inside the channel product. The
-# product's fwd+bwd, fused / stored spectrum, at 93b7105 (a scratch script, side by side, medians of 5):
-# 1 tile 0.44-0.54 (48->48 and 144->48 at 22^3, 96->96 and 288->96 at 14^3), 0.70-0.87 (192->192 and
-# 96->192 at 8^3); 2 tiles 0.74-0.94, 4 tiles 0.84-0.99 (12..144 channels); 8 tiles 1.25, 27 tiles 1.65
-# (24->24, 36->12).
+# product's fwd+bwd (spectrum included), built inside / stored, `python scripts/bench.py --sections product`
+# (README Performance; two runs): 1 tile 0.36-0.62, 2 and 4 tiles (48->48 at 16^3) 0.41-0.42 and 0.48-0.52;
+# 8 tiles (24->24 at 28^3) 1.10-1.14, 27 (36->12 at 28^3) 1.58-1.60, 64 (72->24 at 14^3) 2.22-2.32.
 FUSED_MAX_TILES = 4
 
 
