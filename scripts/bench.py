@@ -19,19 +19,19 @@ between variants of one section mean something.
     FLOPs are counted by torch.utils.flop_counter.FlopCounterMode over one forward + backward: 2 x MACs of
     every convolution and matmul (forward, grad-input and grad-weight); norms, activations, upsampling and
     the optimiser are not counted, so the fraction is a lower bound on the hardware's use.
-(d) kernel gradient: GaborConv3d impl=direct at the deepest level's 192 channels on 4^3 (batch 1, 2, 4),
-    6^3 and 8^3 voxels, with the parameters' gradient formed inside the C reduction (no dL/dW) and through
-    dL/dW, side by side; `medexp.nn.separable.fused_gradient_pays` chooses between them by this table.
-(e) FFT channel product: a Gabor layer's channel product (forward + backward) with its kernel spectrum built
-    inside the product and with the spectrum stored, at one tile and at 2-27 tiles (x batch), side by
-    side; `medexp.nn.gabor.FUSED_MAX_TILES` follows this table.
 (c) runner: per-job overhead, the time a job spends outside its epochs (see `job_overhead`), in a sweep
     (`sweep_job_overhead_s`) and for a job started as its own process (`process_job_overhead_s`); and the
     fraction of a training loop spent waiting for the loader (make_loader with the paper's augmentation,
     num_workers=0 as in the trainer default) on `dataset=demo` and on the same volumes through
     `dataset=nifti` and its cache.
+(d) kernel gradient: GaborConv3d impl=direct at the deepest level's 192 channels on 4^3 (batch 1, 2, 4),
+    6^3 and 8^3 voxels, with the parameters' gradient formed inside the C reduction (no dL/dW) and through
+    dL/dW, side by side; `medexp.nn.separable.fused_gradient_pays` chooses between them by this table.
+(e) FFT channel product: a Gabor layer's channel product (forward + backward) with its kernel spectrum built
+    inside the product and with the spectrum stored, at one tile and at 2-64 tiles (x batch), side by
+    side; `medexp.nn.gabor.FUSED_MAX_TILES` follows this table.
 
-Usage:  python scripts/bench.py --quick          (this machine: layers at 64^3, 3 repetitions, ~6 min)
+Usage:  python scripts/bench.py --quick          (this machine: layers at 64^3, 3 repetitions, ~3 min)
         python scripts/bench.py                  (layers at 64^3 and 128^3, 5 repetitions)
 The table comes first, then one key=value line per figure.
 """

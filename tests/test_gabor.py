@@ -154,7 +154,7 @@ def test_layer_matches_conv_with_generated_kernel():
 
 @pytest.mark.skipif(native.library() is None, reason="no C compiler")
 @pytest.mark.parametrize("impl", ["direct", "direct_contiguous"])
-def test_layer_forms_its_gradient_without_dl_dw_on_small_volumes(impl, monkeypatch):
+def test_layer_forms_its_gradient_without_dl_dw_on_small_volumes(impl):
     # Training on 4^3 voxels the direct paths run separable.gabor_conv (the parameters' gradient formed
     # from x and dL/dy); on 8^3 (248 products per tap, separable.fused_gradient_pays) they do not. Both
     # ways give the same output and gradients as nn.Conv3d with the generated kernel.

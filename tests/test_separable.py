@@ -250,10 +250,9 @@ def test_streamed_weight_stores_write_the_same_weight(monkeypatch, d, cin):
     for dtype in (torch.float32, torch.float64):
         typed = [p.detach().to(dtype) for p in params]
         plain = _on_threads(3, lambda t=typed: _weight(t, 7, native=True))
-        monkeypatch.setattr(separable, "last_level_cache_bytes", lambda: 0)  # every weight "too large"
-        streamed = _on_threads(3, lambda t=typed: _weight(t, 7, native=True))
-        monkeypatch.undo()
-        monkeypatch.setattr(separable, "MIN_PER_THREAD", 16)
+        with monkeypatch.context() as patch:
+            patch.setattr(separable, "last_level_cache_bytes", lambda: 0)  # every weight "too large"
+            streamed = _on_threads(3, lambda t=typed: _weight(t, 7, native=True))
         assert torch.equal(streamed, plain)
 
 
