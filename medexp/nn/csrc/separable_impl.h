@@ -370,50 +370,71 @@ int FN(gabor_expand_backward)(const REAL *q, const REAL *e, const REAL *grad, RE
  * per block and sample on 4^3 voxels (7^3 taps), against 343 taps read and written from memory.
  * x (batch, *sizes, cin) and gy (batch, *sizes, cout) are channels-last; k is the reach (taps per axis) of
  * the kernel, odd. 0, or 1 when out of memory. */
+/* acc[c] = sum over samples s and the rows (va, vb) that offsets (ra, rb) keep inside the volume of
+ * sum_vc g[s, va, vb, vc] x[s, va + ra, vb + rb, vc + c - h], for the k offsets c - h of the last axis; xs is
+ * zero-padded by h at both ends of that axis, so every row is k straight multiply-adds per voxel. Inlined
+ * with a constant k, the k accumulators stay in vector registers. */
+static inline __attribute__((always_inline)) void FN(correlate)(VEC *acc, const int k, const REAL *gs,
+                                                                const REAL *xs, long batch, long na, long nb,
+                                                                long nc, long ra, long rb) {
+    const long ncp = nc + 2 * (k / 2), a0 = ra < 0 ? -ra : 0, a1 = ra > 0 ? na - ra : na;
+    const long b0 = rb < 0 ? -rb : 0, b1 = rb > 0 ? nb - rb : nb;
+    for (int c = 0; c < k; c++) acc[c] = (VEC){0};
+    for (long s = 0; s < batch; s++)
+        for (long va = a0; va < a1; va++)
+            for (long vb = b0; vb < b1; vb++) {
+                const REAL *g = gs + ((s * na + va) * nb + vb) * nc;
+                const REAL *xr = xs + ((s * na + va + ra) * nb + vb + rb) * ncp * BW;
+                for (long vc = 0; vc < nc; vc++)
+                    for (int c = 0; c < k; c++) {
+                        VEC xv;
+                        memcpy(&xv, xr + (vc + c) * BW, sizeof xv);
+                        acc[c] += g[vc] * xv;
+                    }
+            }
+}
+
 int FN(gabor_conv_backward)(const REAL *q, const REAL *e, const REAL *x, const REAL *gy, REAL *dq, long pairs,
                             long cin, long cout, int d, int k, const long *sizes, long batch, long b0, long b1) {
     /* axes A (first), B (middle, 3D only: else one tap on one voxel), C (last); tap = (a kb + b) k + c */
     const int kb = d == 3 ? k : 1, h = k / 2, hb = kb / 2;
-    const long na = sizes[0], nb = d == 3 ? sizes[1] : 1, nc = sizes[d - 1], vol = na * nb * nc;
+    const long na = sizes[0], nb = d == 3 ? sizes[1] : 1, nc = sizes[d - 1], rows = batch * na * nb;
+    const long ncp = nc + 2 * h; /* the last axis zero-padded by h at both ends */
     FN(work) w;
-    REAL *base = WORKSPACE(&w, d, k), *xs = (REAL *)malloc(sizeof(REAL) * batch * vol * (BW + 1));
-    if (!base || !xs) {
-        free(base), free(xs);
+    VEC *acc = (VEC *)aligned_alloc(sizeof(VEC), sizeof(VEC) * k); /* VEC is aligned to its size */
+    REAL *base = WORKSPACE(&w, d, k), *xs = (REAL *)malloc(sizeof(REAL) * rows * (ncp * BW + nc));
+    if (!base || !xs || !acc) {
+        free(base), free(xs), free(acc);
         return 1; /* out of memory: the caller raises */
     }
-    REAL *gs = xs + batch * vol * BW; /* gy of the block's o, (batch, vol) */
+    REAL *gs = xs + rows * ncp * BW; /* gy of the block's o, (batch, na, nb, nc) */
     FLUSH_DENORMALS_BEGIN
     for (long block = b0; block < b1; block++) {
         long o, i0, p0;
         const int n = PREPARE(q, e, pairs, cin, d, k, block, &w, &o, &i0, &p0);
-        for (long u = 0; u < batch * vol; u++) { /* x of the block's lanes, (batch, vol, BW), zeros past n */
-            for (int l = 0; l < BW; l++) xs[u * BW + l] = l < n ? x[u * cin + i0 + l] : 0;
-            gs[u] = gy[u * cout + o];
-        }
+        for (long row = 0; row < rows; row++) /* x of the block's lanes, zeros past n and in the padding */
+            for (long vc = -h; vc < nc + h; vc++) {
+                REAL *dst = xs + (row * ncp + vc + h) * BW;
+                const REAL *src = x + (row * nc + vc) * cin + i0;
+                const int inside = vc >= 0 && vc < nc;
+                for (int l = 0; l < BW; l++) dst[l] = inside && l < n ? src[l] : 0;
+                if (inside) gs[row * nc + vc] = gy[(row * nc + vc) * cout + o];
+            }
         for (int a = 0; a < k; a++)
-            for (int b = 0; b < kb; b++)
-                for (int c = 0; c < k; c++) {
-                    const long ra = a - h, rb = b - hb, rc = c - h; /* the tap's offset */
-                    const long a0 = ra < 0 ? -ra : 0, a1 = ra > 0 ? na - ra : na;
-                    const long b0_ = rb < 0 ? -rb : 0, b1_ = rb > 0 ? nb - rb : nb;
-                    const long c0 = rc < 0 ? -rc : 0, c1 = rc > 0 ? nc - rc : nc;
-                    VEC acc = {0}; /* the tap's BW lanes, one vector (register) */
-                    for (long s = 0; s < batch; s++)
-                        for (long va = a0; va < a1; va++)
-                            for (long vb = b0_; vb < b1_; vb++) {
-                                const REAL *g = gs + ((s * na + va) * nb + vb) * nc;
-                                const REAL *xr = xs + (((s * na + va + ra) * nb + vb + rb) * nc + rc) * BW;
-                                for (long vc = c0; vc < c1; vc++) {
-                                    VEC xv;
-                                    memcpy(&xv, xr + vc * BW, sizeof xv);
-                                    acc += g[vc] * xv;
-                                }
-                            }
-                    memcpy(w.tile + ((a * kb + b) * k + c) * BW, &acc, sizeof acc);
-                }
+            for (int b = 0; b < kb; b++) {
+                VEC local[7];
+                const long ra = a - h, rb = b - hb; /* the taps' offsets on the first two axes */
+                if (k == 7) /* the paper's size, and its reach 3 on 2^3 voxels: registers */
+                    FN(correlate)(local, 7, gs, xs, batch, na, nb, nc, ra, rb);
+                else if (k == 3)
+                    FN(correlate)(local, 3, gs, xs, batch, na, nb, nc, ra, rb);
+                else
+                    FN(correlate)(acc, k, gs, xs, batch, na, nb, nc, ra, rb);
+                memcpy(w.tile + (a * kb + b) * k * BW, k == 7 || k == 3 ? local : acc, sizeof(VEC) * k);
+            }
         BLOCK_BACKWARD(&w, w.tile, BW, d, k, dq, pairs, p0, n);
     }
     FLUSH_DENORMALS_END
-    free(base), free(xs);
+    free(base), free(xs), free(acc);
     return 0;
 }
