@@ -24,9 +24,9 @@ between variants of one section mean something.
     fraction of a training loop spent waiting for the loader (make_loader with the paper's augmentation,
     num_workers=0 as in the trainer default) on `dataset=demo` and on the same volumes through
     `dataset=nifti` and its cache.
-(d) kernel gradient: GaborConv3d impl=direct at the deepest level's 192 channels on 4^3 (batch 1, 2, 4),
-    6^3 and 8^3 voxels, with the parameters' gradient formed inside the C reduction (no dL/dW) and through
-    dL/dW, side by side; `medexp.nn.separable.fused_gradient_pays` chooses between them by this table.
+(d) kernel gradient: Gabor layers with impl=direct on the deepest levels' volumes (4^3-16^3; 2D 8^2 and
+    16^2), with the parameters' gradient formed inside the C reduction (no dL/dW) and through dL/dW, side
+    by side; `medexp.nn.separable.fused_gradient_pays` chooses between them by this table.
 (e) FFT channel product: a Gabor layer's channel product (forward + backward) with its kernel spectrum built
     inside the product and with the spectrum stored, at one tile and at 2-64 tiles (x batch), side by
     side; `medexp.nn.gabor.FUSED_MAX_TILES` follows this table.
@@ -65,7 +65,7 @@ from medexp.losses import PCCLoss  # noqa: E402
 from medexp.nn import separable  # noqa: E402
 from medexp.nn.conv import KernelFactory  # noqa: E402
 from medexp.nn.fftconv import auto_choices, spectrum_product  # noqa: E402
-from medexp.nn.gabor import GaborConv3d  # noqa: E402
+from medexp.nn.gabor import GaborConv2d, GaborConv3d  # noqa: E402
 from medexp.nn.wong import CHANNELS, WongNet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,31 +161,44 @@ def layer_section(sizes: list[int], reps: int, k: int, max_level: int) -> tuple[
     return rows, keys
 
 
-# (volume, batch) of the gradient table: the deepest level at batch 1, 2 (trainer default), 4, and above the
-# limit of separable.fused_gradient_pays (6^3: 79 products per tap, 8^3: 248)
-GRADIENT_CASES = ((4, 1), (4, 2), (4, 4), (6, 1), (8, 1))
+# (spatial dims, channels, size per axis, batch) of the gradient table: the deepest levels of the 3D network
+# around the limit of separable.fused_gradient_pays (256 products per tap: 8^3 with one sample is 248, with
+# two 496), and 2D images around theirs (48 per tap: 8^2 is 40 per image)
+GRADIENT_CASES = (
+    (3, 192, 4, 1),
+    (3, 192, 4, 2),
+    (3, 192, 6, 1),
+    (3, 192, 8, 1),
+    (3, 96, 8, 1),
+    (3, 96, 8, 2),
+    (3, 48, 16, 1),
+    (2, 64, 8, 1),
+    (2, 64, 8, 4),
+    (2, 128, 16, 1),
+)
 
 
-def gradient_section(reps: int, k: int, channels: int = 192) -> tuple[list[str], dict[str, float]]:
-    """(d) GaborConv3d impl=direct, forward + backward, with the parameters' gradient formed inside the C
+def gradient_section(reps: int, k: int) -> tuple[list[str], dict[str, float]]:
+    """(d) Gabor layers, impl=direct, forward + backward, with the parameters' gradient formed inside the C
     reduction (separable.gabor_conv) and through dL/dW (oneDNN's weight gradient, then the generation's
-    backward), at the deepest level's channels; the rule `fused_gradient_pays` picks between them."""
+    backward), side by side; the rule `fused_gradient_pays` picks between them."""
     rows = [
-        "| volume | batch | products per tap | fused | via dL/dW | fused / via dL/dW | rule picks |",
-        "|---|---|---|---|---|---|---|",
+        "| layer | size | batch | products per tap | fused | via dL/dW | fused / via dL/dW | rule picks |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     keys: dict[str, float] = {}
     limit = separable.FUSED_GRAD_MAX_PER_TAP
-    for n, batch in GRADIENT_CASES:
+    for d, channels, n, batch in GRADIENT_CASES:
         torch.manual_seed(0)
-        layer = GaborConv3d(channels, channels, k, impl="direct")
-        x = torch.randn(batch, channels, n, n, n).contiguous(memory_format=CL).requires_grad_()
-        grad = torch.randn(batch, channels, n, n, n).contiguous(memory_format=CL)
+        layer = (GaborConv3d if d == 3 else GaborConv2d)(channels, channels, k, impl="direct")
+        fmt = CL if d == 3 else torch.channels_last
+        x = torch.randn(batch, channels, *[n] * d).contiguous(memory_format=fmt).requires_grad_()
+        grad = torch.randn(batch, channels, *[n] * d).contiguous(memory_format=fmt)
         run = _fwd_bwd(layer, x, grad)
 
         def with_limit(value: float, run: Callable[[], None] = run) -> Callable[[], None]:
             def variant() -> None:
-                separable.FUSED_GRAD_MAX_PER_TAP = value
+                separable.FUSED_GRAD_MAX_PER_TAP = {2: value, 3: value}
                 try:
                     run()
                 finally:
@@ -195,14 +208,15 @@ def gradient_section(reps: int, k: int, channels: int = 192) -> tuple[list[str],
 
         t = interleaved({"fused": with_limit(math.inf), "dldw": with_limit(-1)}, reps)
         h = k // 2
-        products = batch * sum(max(0, n - abs(r)) for r in range(-h, h + 1)) ** 3 / k**3
-        picks = "fused" if separable.fused_gradient_pays(batch, (n, n, n), k) else "via dL/dW"
+        products = batch * sum(max(0, n - abs(r)) for r in range(-h, h + 1)) ** d / k**d
+        picks = "fused" if separable.fused_gradient_pays(batch, (n,) * d, k) else "via dL/dW"
         ratio = t["fused"] / t["dldw"]
+        times = f"{1e3 * t['fused']:.1f} ms | {1e3 * t['dldw']:.1f} ms"
         rows.append(
-            f"| {n}^3 | {batch} | {products:.0f} | {1e3 * t['fused']:.0f} ms | {1e3 * t['dldw']:.0f} ms | "
-            f"{ratio:.2f} | {picks} |"
+            f"| {d}D {channels}->{channels} | {n}^{d} | {batch} | {products:.0f} | {times} | {ratio:.2f} | "
+            f"{picks} |"
         )
-        keys[f"fused_gradient_ratio_{n}_b{batch}"] = ratio
+        keys[f"fused_gradient_ratio_{d}d_{channels}_{n}_b{batch}"] = ratio
     return rows, keys
 
 
