@@ -385,8 +385,11 @@ static inline __attribute__((always_inline)) void FN(correlate)(VEC *acc, const 
             for (long vb = b0; vb < b1; vb++) {
                 const REAL *g = gs + ((s * na + va) * nb + vb) * nc;
                 const REAL *xr = xs + ((s * na + va + ra) * nb + vb + rb) * ncp * BW;
+#pragma GCC unroll 8
                 for (long vc = 0; vc < nc; vc++)
+#pragma GCC unroll 7
                     for (int c = 0; c < k; c++) {
+                        if (vc + c < k / 2 || vc + c >= nc + k / 2) continue; /* padding: known when unrolled */
                         VEC xv;
                         memcpy(&xv, xr + (vc + c) * BW, sizeof xv);
                         acc[c] += g[vc] * xv;
@@ -424,7 +427,11 @@ int FN(gabor_conv_backward)(const REAL *q, const REAL *e, const REAL *x, const R
             for (int b = 0; b < kb; b++) {
                 VEC local[7];
                 const long ra = a - h, rb = b - hb; /* the taps' offsets on the first two axes */
-                if (k == 7) /* the paper's size, and its reach 3 on 2^3 voxels: registers */
+                if (k == 7 && nc == 8) /* the paper's size on 8^3 and 4^3, and its reach 3 on 2^3: registers */
+                    FN(correlate)(local, 7, gs, xs, batch, na, nb, 8, ra, rb);
+                else if (k == 7 && nc == 4)
+                    FN(correlate)(local, 7, gs, xs, batch, na, nb, 4, ra, rb);
+                else if (k == 7)
                     FN(correlate)(local, 7, gs, xs, batch, na, nb, nc, ra, rb);
                 else if (k == 3)
                     FN(correlate)(local, 3, gs, xs, batch, na, nb, nc, ra, rb);
