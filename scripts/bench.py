@@ -162,8 +162,8 @@ def layer_section(sizes: list[int], reps: int, k: int, max_level: int) -> tuple[
 
 
 # (spatial dims, channels, size per axis, batch) of the gradient table: the deepest levels of the 3D network
-# around the limit of separable.fused_gradient_pays (256 products per tap: 8^3 with one sample is 248, with
-# two 496), and 2D images around theirs (48 per tap: 8^2 is 40 per image)
+# around the limit of separable.fused_gradient_pays (512 products per tap: 8^3 is 248 per sample), and 2D
+# images around theirs (48 per tap: 8^2 is 40 per image)
 GRADIENT_CASES = (
     (3, 192, 4, 1),
     (3, 192, 4, 2),
@@ -171,6 +171,7 @@ GRADIENT_CASES = (
     (3, 192, 8, 1),
     (3, 96, 8, 1),
     (3, 96, 8, 2),
+    (3, 96, 8, 4),
     (3, 48, 16, 1),
     (2, 64, 8, 1),
     (2, 64, 8, 4),

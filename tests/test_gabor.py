@@ -156,12 +156,12 @@ def test_layer_matches_conv_with_generated_kernel():
 @pytest.mark.parametrize("impl", ["direct", "direct_contiguous"])
 def test_layer_forms_its_gradient_without_dl_dw_on_small_volumes(impl):
     # Training on 4^3 voxels (batch 2: 24 products per tap) the direct paths run separable.gabor_conv (the
-    # parameters' gradient formed from x and dL/dy); on 8^3 (496 per tap, above the limit of
+    # parameters' gradient formed from x and dL/dy); on 16^3 (5831 per tap, above the limit of
     # separable.fused_gradient_pays) they do not. Both ways give the same output and gradients as
     # nn.Conv3d with the generated kernel.
     torch.manual_seed(2)
     conv = GaborConv3d(18, 3, kernel_size=7, impl=impl).double()
-    for n, fused in ((4, True), (8, False)):
+    for n, fused in ((4, True), (16, False)):
         x = torch.randn(2, 18, n, n, n, dtype=torch.float64).contiguous(memory_format=torch.channels_last_3d)
         y = conv(x)
         assert ("NativeGaborConv" in type(y.grad_fn).__name__) == fused

@@ -266,14 +266,14 @@ def test_largest_cache_is_read_from_sysfs(tmp_path):
 
 
 def test_fused_gradient_pays_on_the_deepest_levels():
-    # Products per tap, batch x prod over axes of sum over offsets r of (n - |r|)_+, against 256 per tap in
-    # 3D (256 * 343 = 87808) and 48 in 2D (48 * 49 = 2352), 7 taps per axis (h = 3):
-    # 4^3: 4 + 2 (3 + 2 + 1) = 16 per axis, 4096 per sample: up to batch 21;
-    # 8^3: 8 + 2 (7 + 6 + 5) = 44 per axis, 85184 for one sample, not two; 16^3: 100^3, never;
-    # 2^3 with its reach 3: (1 + 2 + 1)^3 = 64 <= 256 * 27; 2D 8^2: 44^2 = 1936 for one image, not two.
+    # Products per tap, batch x prod over axes of sum over offsets r of (n - |r|)_+, against 512 per tap in
+    # 3D (512 * 343 = 175616) and 48 in 2D (48 * 49 = 2352), 7 taps per axis (h = 3):
+    # 4^3: 4 + 2 (3 + 2 + 1) = 16 per axis, 4096 per sample: up to batch 42;
+    # 8^3: 8 + 2 (7 + 6 + 5) = 44 per axis, 85184 per sample: two, not three; 16^3: 100^3, never;
+    # 2^3 with its reach 3: (1 + 2 + 1)^3 = 64 <= 512 * 27; 2D 8^2: 44^2 = 1936 for one image, not two.
     pays = separable.fused_gradient_pays
-    assert pays(21, (4, 4, 4), 7) and not pays(22, (4, 4, 4), 7)
-    assert pays(1, (8, 8, 8), 7) and not pays(2, (8, 8, 8), 7)
+    assert pays(42, (4, 4, 4), 7) and not pays(43, (4, 4, 4), 7)
+    assert pays(2, (8, 8, 8), 7) and not pays(3, (8, 8, 8), 7)
     assert not pays(1, (16, 16, 16), 7)
     assert pays(8, (2, 2, 2), 3)
     assert pays(1, (8, 8), 7) and not pays(2, (8, 8), 7)

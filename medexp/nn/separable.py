@@ -111,7 +111,7 @@ def expand_torch(q: Tensor, k: int) -> Tensor:
 BLOCK = 16  # BW of csrc/separable.c: pairs (consecutive input channels) per block
 LAYOUT_CONTIGUOUS, LAYOUT_STREAM = 1, 2  # gabor_expand's layout flags (csrc/separable.c)
 DEFAULT_CACHE_BYTES = 32 << 20  # when sysfs does not say
-FUSED_GRAD_MAX_PER_TAP = {2: 48, 3: 256}  # per spatial dims, see `fused_gradient_pays`
+FUSED_GRAD_MAX_PER_TAP = {2: 48, 3: 512}  # per spatial dims, see `fused_gradient_pays`
 MIN_PER_THREAD = 2048  # pairs; fewer per thread: one call on this thread (a wake-up costs more)
 _POOL: ThreadPoolExecutor | None = None
 
@@ -429,8 +429,8 @@ def fused_gradient_pays(batch: int, spatial: tuple[int, ...], k: int) -> bool:
     """Whether `gabor_conv` (the parameters' gradient formed in the C reduction) beats materialising dL/dW
     for a 'same' convolution of k^d taps over `batch` volumes of size `spatial`: when every tap's gradient
     is a short sum, batch x (voxels v with v + r inside) at most FUSED_GRAD_MAX_PER_TAP[d] products per tap
-    on average. In 3D that is the deepest levels: 4^3 (12 per tap and sample), 6^3 (79), 8^3 with one
-    sample (248), not 8^3 with two or 16^3 (2915); 2D images up to 8^2 with one sample (40 per tap).
+    on average. In 3D that is the deepest levels: 4^3 (12 per tap and sample), 6^3 (79), 8^3 with one or
+    two samples (248 each), not 16^3 (2915); 2D images up to 8^2 with one sample (40 per tap).
     `python scripts/bench.py --sections gradient` measures both paths around the limits."""
     h = k // 2
     products = batch * math.prod(sum(max(0, n - abs(r)) for r in range(-h, h + 1)) for n in spatial)

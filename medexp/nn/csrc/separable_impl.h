@@ -427,16 +427,24 @@ int FN(gabor_conv_backward)(const REAL *q, const REAL *e, const REAL *x, const R
             for (int b = 0; b < kb; b++) {
                 VEC local[7];
                 const long ra = a - h, rb = b - hb; /* the taps' offsets on the first two axes */
-                if (k == 7 && nc == 8) /* the paper's size on 8^3 and 4^3, and its reach 3 on 2^3: registers */
-                    FN(correlate)(local, 7, gs, xs, batch, na, nb, 8, ra, rb);
+                /* the paper's 7 taps on rows of 8, 6 and 4 voxels, and their reach 3 on rows of 2, with constant
+                 * sizes: accumulators in registers, the loops unrolled and the padding skipped at compile time */
+#define CORRELATE_AS(K, NC) FN(correlate)(local, K, gs, xs, batch, na, nb, NC, ra, rb)
+                if (k == 7 && nc == 8)
+                    CORRELATE_AS(7, 8);
+                else if (k == 7 && nc == 6)
+                    CORRELATE_AS(7, 6);
                 else if (k == 7 && nc == 4)
-                    FN(correlate)(local, 7, gs, xs, batch, na, nb, 4, ra, rb);
+                    CORRELATE_AS(7, 4);
                 else if (k == 7)
-                    FN(correlate)(local, 7, gs, xs, batch, na, nb, nc, ra, rb);
+                    CORRELATE_AS(7, nc);
+                else if (k == 3 && nc == 2)
+                    CORRELATE_AS(3, 2);
                 else if (k == 3)
-                    FN(correlate)(local, 3, gs, xs, batch, na, nb, nc, ra, rb);
+                    CORRELATE_AS(3, nc);
                 else
                     FN(correlate)(acc, k, gs, xs, batch, na, nb, nc, ra, rb);
+#undef CORRELATE_AS
                 memcpy(w.tile + (a * kb + b) * k * BW, k == 7 || k == 3 ? local : acc, sizeof(VEC) * k);
             }
         BLOCK_BACKWARD(&w, w.tile, BW, d, k, dq, pairs, p0, n);
