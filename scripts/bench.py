@@ -538,7 +538,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--reps", type=int, help="timed repetitions per variant (3 quick, 5 full)")
     parser.add_argument("--kernel-size", type=int, default=7, help="Gabor kernel size (paper: 7)")
     parser.add_argument("--job-runs", type=int, help="timed `medexp train` runs (1 quick, 3 full; 0 skips)")
-    parser.add_argument("--sections", default="layer,gradient,model,runner", help="comma-separated subset")
+    parser.add_argument(
+        "--sections", default="layer,gradient,product,model,runner", help="comma-separated subset"
+    )
     parser.add_argument("--max-level", type=int, default=4, help="deepest network level in the layer table")
     parser.add_argument(
         "--channels", type=int, nargs=5, default=CHANNELS, help="WongNet widths (tests shrink)"
