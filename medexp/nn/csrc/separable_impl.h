@@ -371,9 +371,10 @@ int FN(gabor_expand_backward)(const REAL *q, const REAL *e, const REAL *grad, RE
  * x (batch, *sizes, cin) and gy (batch, *sizes, cout) are channels-last; k is the reach (taps per axis) of
  * the kernel, odd. 0, or 1 when out of memory. */
 /* acc[c] = sum over samples s and the rows (va, vb) that offsets (ra, rb) keep inside the volume of
- * sum_vc g[s, va, vb, vc] x[s, va + ra, vb + rb, vc + c - h], for the k offsets c - h of the last axis; xs is
- * zero-padded by h at both ends of that axis, so every row is k straight multiply-adds per voxel. Inlined
- * with a constant k, the k accumulators stay in vector registers. */
+ * sum_vc g[s, va, vb, vc] x[s, va + ra, vb + rb, vc + c - h], for the k offsets c - h of the last axis (xs
+ * laid out zero-padded by h at both ends of that axis). Products that would read the padding are skipped;
+ * inlined with constant k and nc, the loops unroll, those tests vanish and the k accumulators stay in
+ * vector registers. */
 static inline __attribute__((always_inline)) void FN(correlate)(VEC *acc, const int k, const REAL *gs,
                                                                 const REAL *xs, long batch, long na, long nb,
                                                                 long nc, long ra, long rb) {
