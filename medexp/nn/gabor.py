@@ -258,9 +258,13 @@ class _GaborConvNd(nn.Module):
     def _generate(self, size: int, channels_last: bool) -> Tensor:
         """The central size^d taps of the weight from the current parameters (fused separable generation),
         with autograd."""
-        angles = (getattr(self, name) for name in self.angle_names)
-        amplitudes = (self.a_re, self.a_im, self.f_re, self.f_im, self.psi)
+        angles, amplitudes = self._angles_and_amplitudes()
         return self.fused_kernel(self.sigma, *angles, *amplitudes, size, channels_last)
+
+    def _angles_and_amplitudes(self) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """The orientation angles and (a_re, a_im, f_re, f_im, psi), as medexp.nn.separable takes them."""
+        angles = tuple(getattr(self, name) for name in self.angle_names)
+        return angles, (self.a_re, self.a_im, self.f_re, self.f_im, self.psi)
 
     def _cached(self, slot: str, key: tuple, make: Callable[[], Tensor]) -> Tensor:
         """make() while autograd records (training); else cached in attribute `slot` until a parameter
@@ -292,8 +296,7 @@ class _GaborConvNd(nn.Module):
         cache); otherwise with the stored spectrum (`spectrum`), whose cost many tiles share."""
         stored = spectrum_product(lambda sizes: self.spectrum(size, sizes))
         fused_tiles = self.fused_tiles()
-        angles = tuple(getattr(self, name) for name in self.angle_names)
-        amplitudes = (self.a_re, self.a_im, self.f_re, self.f_im, self.psi)
+        angles, amplitudes = self._angles_and_amplitudes()
 
         def product(x_spectra: Tensor, sizes: tuple[int, ...]) -> Tensor:
             if x_spectra.shape[1] > fused_tiles:
@@ -306,8 +309,7 @@ class _GaborConvNd(nn.Module):
         """The kernel spectrum of the central size^d taps for FFT sizes `sizes`, (2, F, cin, cout) as
         `medexp.nn.fftconv.kernel_spectrum`, straight from the parameters (`gabor_spectrum`); cached like
         `kernel` without autograd."""
-        angles = tuple(getattr(self, name) for name in self.angle_names)
-        amplitudes = (self.a_re, self.a_im, self.f_re, self.f_im, self.psi)
+        angles, amplitudes = self._angles_and_amplitudes()
         make = lambda: gabor_spectrum(self.sigma, angles, *amplitudes, size, sizes)  # noqa: E731
         return self._cached("_spectrum_cache", (size, tuple(sizes)), make)
 
@@ -364,8 +366,7 @@ class _GaborConvNd(nn.Module):
             product = self.spectral_product(taps[0])
             return spectral_conv(x, shape, product, self.bias, fused_tiles=self.fused_tiles())
         if impl in ("direct", "direct_contiguous") and self._fuses_gradient(x, taps):
-            angles = tuple(getattr(self, name) for name in self.angle_names)
-            amplitudes = (self.a_re, self.a_im, self.f_re, self.f_im, self.psi)
+            angles, amplitudes = self._angles_and_amplitudes()
             return gabor_conv(x, self.sigma, angles, *amplitudes, taps[0], self.bias, impl)
         weight = self.kernel(max(taps), channels_last=weight_channels_last(x, impl))
         return same_conv(x, crop_to_reach(weight, spatial), self.bias, impl)
