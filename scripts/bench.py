@@ -4,11 +4,12 @@ Every figure is measured in this one run, with the variants of a section interle
 after a warm-up, and reported as the median over the repetitions; on a shared machine only the ratios
 between variants of one section mean something.
 
-(a) layers: forward + backward of GaborConv3d (generation + convolution; impl direct, direct_contiguous,
-    fft, gemm, auto) against nn.Conv3d with the same kernel size (channels-last and contiguous) and with
-    size 3, at the shapes of the Wong & Moradi network (DESIGN 4): level l works on size / 2^l voxels per
-    axis. Batch 1, activations channels-last (trainer default); each Gabor impl generates its weight in the
-    layout it runs in, and is compared with nn.Conv3d running in that same layout.
+(a) layers: forward + backward of GaborConv3d (generation + convolution; impl reference, direct,
+    direct_contiguous, fft, auto) against nn.Conv3d with the same kernel size (channels-last and
+    contiguous) and with size 3, at the shapes of the Wong & Moradi network (docs/design.md §4): level l
+    works on size / 2^l voxels per axis. Batch 1, activations channels-last (trainer default); each Gabor
+    impl generates its weight in the layout it runs in, and is compared with nn.Conv3d in that layout.
+    An implementation stays in medexp.nn.fast only while some row of this table shows it winning.
 (b) models: one training step (zero_grad, forward, PCC loss, backward, NAdam step) of WongNet with
     conventional, Gabor and mixed kernels, 1 input channel, 20 classes, batch 1 (the conventional model also
     at batch 2, the trainer default, and contiguous vs channels-last); voxels per second; and the achieved
@@ -26,12 +27,18 @@ between variants of one section mean something.
     `dataset=nifti` and its cache.
 (d) kernel gradient: Gabor layers with impl=direct on the deepest levels' volumes (4^3-16^3; 2D 8^2 and
     16^2), with the parameters' gradient formed inside the C reduction (no dL/dW) and through dL/dW, side
-    by side; `medexp.nn.separable.fused_gradient_pays` chooses between them by this table.
+    by side; `medexp.nn.fast.gradient.fused_gradient_pays` chooses between them by this table.
 (e) FFT channel product: a Gabor layer's channel product (forward + backward) with its kernel spectrum built
     inside the product and with the spectrum stored, at one tile and at 2-64 tiles (x batch), side by
-    side; `medexp.nn.gabor.FUSED_MAX_TILES` follows this table.
+    side; `medexp.nn.fast.product.FUSED_MAX_TILES` follows this table.
+(f) arrangements of the stored-spectrum channel product: rows [x_re; x_im] against w_re, w_im and the
+    real block [[w_re, w_im], [-w_im, w_re]], forward + backward, at the tile plans of the network's
+    layers; `medexp.nn.fast.product.channel_product`'s rule picks between them.
+(g) generation without the C kernels (devices and builds without them): eq. 2 as written (the formula of
+    medexp.nn.gabor) against the separable PyTorch operations (medexp.nn.fast.generate), forward +
+    backward time and the bytes autograd keeps, per layer shape; the C kernels for scale.
 
-Usage:  python scripts/bench.py --quick          (this machine: layers at 64^3, 3 repetitions, ~3 min)
+Usage:  python scripts/bench.py --quick          (this machine: layers at 64^3, 3 repetitions)
         python scripts/bench.py                  (layers at 64^3 and 128^3, 5 repetitions)
 The table comes first, then one key=value line per figure.
 """
@@ -41,8 +48,8 @@ from __future__ import annotations
 import os
 
 # The trainer's process settings (passive OpenMP waiting, glibc malloc keeping freed blocks), before torch
-# loads: see medexp/runtime.py. MEDEXP_NO_TUNE=1 measures without them.
-from medexp import runtime  # noqa: E402
+# loads: see medexp/run/runtime.py. MEDEXP_NO_TUNE=1 measures without them.
+from medexp.run import runtime  # noqa: E402
 
 runtime.configure()
 
@@ -62,10 +69,13 @@ from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from medexp.losses import PCCLoss  # noqa: E402
-from medexp.nn import separable  # noqa: E402
-from medexp.nn.conv import KernelFactory  # noqa: E402
-from medexp.nn.fftconv import auto_choices, spectrum_product  # noqa: E402
+from medexp.nn.fast import auto_choices, backend, gradient, native  # noqa: E402
+from medexp.nn.fast.fftconv import plan_tiles  # noqa: E402
+from medexp.nn.fast.generate import native_weight, torch_weight  # noqa: E402
+from medexp.nn.fast.product import _BlockProduct, _RowsProduct, fused_product, stored_product  # noqa: E402
+from medexp.nn.fast.spectrum import native_spectrum  # noqa: E402
 from medexp.nn.gabor import GaborConv2d, GaborConv3d  # noqa: E402
+from medexp.nn.kernels import ConventionalKernels, GaborKernels, MixedKernels  # noqa: E402
 from medexp.nn.wong import CHANNELS, WongNet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +92,8 @@ LAYERS = (
     (3, 288, 96),
     (4, 192, 192),
 )
-GABOR_IMPLS = ("direct", "direct_contiguous", "fft", "gemm", "auto")
+GABOR_IMPLS = ("reference", "direct", "direct_contiguous", "fft", "auto")
+KERNELS = {"conventional": ConventionalKernels, "gabor": GaborKernels, "mixed": MixedKernels}
 
 
 def interleaved(variants: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, float]:
@@ -115,8 +126,6 @@ def _layer_row(size: int, level: int, cin: int, cout: int, k: int, reps: int) ->
     grad = torch.randn(1, cout, n, n, n).contiguous(memory_format=CL)
     modules = {impl: GaborConv3d(cin, cout, k, impl=impl) for impl in GABOR_IMPLS}
     modules |= {"convk": nn.Conv3d(cin, cout, k, padding=k // 2), "conv3": nn.Conv3d(cin, cout, 3, padding=1)}
-    if n**3 * cin * k**3 > 2**26:  # im2col matrix > 256 MB: far too slow, and never picked by auto
-        del modules["gemm"]
     variants = {name: _fwd_bwd(m.to(memory_format=CL), x, grad) for name, m in modules.items()}
     # nn.Conv3d in the contiguous layout: weight, input and gradient contiguous, as direct_contiguous runs it
     contiguous = nn.Conv3d(cin, cout, k, padding=k // 2)
@@ -130,10 +139,10 @@ def _layer_row(size: int, level: int, cin: int, cout: int, k: int, reps: int) ->
 def layer_section(sizes: list[int], reps: int, k: int, max_level: int) -> tuple[list[str], dict[str, float]]:
     """Table rows and key figures of (a)."""
     rows = [
-        "| input | level | cin->cout | voxels | gabor direct | gabor direct_contiguous | gabor fft | "
-        f"gabor gemm | gabor auto | conv{k} | conv{k} contiguous | conv3 | direct/conv{k} | "
-        f"direct_contiguous/conv{k} contiguous | auto/best conv{k} | auto/direct | fft/direct |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| input | level | cin->cout | voxels | gabor reference | gabor direct | gabor direct_contiguous | "
+        f"gabor fft | gabor auto | conv{k} | conv{k} contiguous | conv3 | direct/conv{k} | "
+        f"direct_contiguous/conv{k} contiguous | auto/best conv{k} | auto/direct | fft/direct | fastest |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys: dict[str, float] = {}
     for size in sizes:
@@ -147,10 +156,11 @@ def layer_section(sizes: list[int], reps: int, k: int, max_level: int) -> tuple[
             auto.append(t["auto"] / min(t["convk"], t["convk_contiguous"]))
             auto_direct.append(t["auto"] / t["direct"])
             ms = " | ".join("-" if math.isnan(v) else f"{1e3 * v:.0f} ms" for v in t.values())
+            fastest = min(GABOR_IMPLS[:-1], key=t.get)  # of the fixed implementations
             rows.append(
                 f"| {size}^3 | {level} | {cin}->{cout} | {size // 2**level}^3 | {ms} | {direct[-1]:.2f} | "
                 f"{contiguous[-1]:.2f} | {auto[-1]:.2f} | {auto_direct[-1]:.2f} | "
-                f"{t['fft'] / t['direct']:.2f} |"
+                f"{t['fft'] / t['direct']:.2f} | {fastest} |"
             )
             keys[f"fft_vs_direct_layer_{size}_l{level}_{cin}_{cout}"] = t["fft"] / t["direct"]
         suffix = "" if size == 64 else f"_{size}"
@@ -162,7 +172,7 @@ def layer_section(sizes: list[int], reps: int, k: int, max_level: int) -> tuple[
 
 
 # (spatial dims, channels, size per axis, batch) of the gradient table: the deepest levels of the 3D network
-# around the limit of separable.fused_gradient_pays (512 products per tap: 8^3 is 248 per sample), and 2D
+# around the limit of fused_gradient_pays (512 products per tap: 8^3 is 248 per sample), and 2D
 # images around theirs (48 per tap: 8^2 is 40 per image)
 GRADIENT_CASES = (
     (3, 192, 4, 1),
@@ -181,14 +191,14 @@ GRADIENT_CASES = (
 
 def gradient_section(reps: int, k: int) -> tuple[list[str], dict[str, float]]:
     """(d) Gabor layers, impl=direct, forward + backward, with the parameters' gradient formed inside the C
-    reduction (separable.gabor_conv) and through dL/dW (oneDNN's weight gradient, then the generation's
-    backward), side by side; the rule `fused_gradient_pays` picks between them."""
+    reduction (gradient.fused_gradient_conv) and through dL/dW (oneDNN's weight gradient, then the
+    generation's backward), side by side; the rule `fused_gradient_pays` picks between them."""
     rows = [
         "| layer | size | batch | products per tap | fused | via dL/dW | fused / via dL/dW | rule picks |",
         "|---|---|---|---|---|---|---|---|",
     ]
     keys: dict[str, float] = {}
-    limit = separable.FUSED_GRAD_MAX_PER_TAP
+    limit = gradient.FUSED_GRAD_MAX_PER_TAP
     for d, channels, n, batch in GRADIENT_CASES:
         torch.manual_seed(0)
         layer = (GaborConv3d if d == 3 else GaborConv2d)(channels, channels, k, impl="direct")
@@ -199,18 +209,18 @@ def gradient_section(reps: int, k: int) -> tuple[list[str], dict[str, float]]:
 
         def with_limit(value: float, run: Callable[[], None] = run) -> Callable[[], None]:
             def variant() -> None:
-                separable.FUSED_GRAD_MAX_PER_TAP = {2: value, 3: value}
+                gradient.FUSED_GRAD_MAX_PER_TAP = {2: value, 3: value}
                 try:
                     run()
                 finally:
-                    separable.FUSED_GRAD_MAX_PER_TAP = limit
+                    gradient.FUSED_GRAD_MAX_PER_TAP = limit
 
             return variant
 
         t = interleaved({"fused": with_limit(math.inf), "dldw": with_limit(-1)}, reps)
         h = k // 2
         products = batch * sum(max(0, n - abs(r)) for r in range(-h, h + 1)) ** d / k**d
-        picks = "fused" if separable.fused_gradient_pays(batch, (n,) * d, k) else "via dL/dW"
+        picks = "fused" if gradient.fused_gradient_pays(batch, (n,) * d, k) else "via dL/dW"
         ratio = t["fused"] / t["dldw"]
         times = f"{1e3 * t['fused']:.1f} ms | {1e3 * t['dldw']:.1f} ms"
         rows.append(
@@ -240,8 +250,8 @@ PRODUCT_CASES = (
 
 def product_section(reps: int, k: int) -> tuple[list[str], dict[str, float]]:
     """(e) the FFT path's channel product of a Gabor layer, forward + backward (input spectra and all
-    parameters): its kernel spectrum built inside the product (separable.gabor_spectral_product) or stored
-    (separable.gabor_spectrum, then the product with it); medexp.nn.gabor.FUSED_MAX_TILES follows this."""
+    parameters): its kernel spectrum built inside the product (product.fused_product) or stored
+    (spectrum.native_spectrum, then the product with it); product.FUSED_MAX_TILES follows this."""
     rows = [
         "| cin->cout | FFT size | tiles | built inside | stored | inside / stored |",
         "|---|---|---|---|---|---|",
@@ -253,11 +263,7 @@ def product_section(reps: int, k: int) -> tuple[list[str], dict[str, float]]:
         sizes = (size,) * 3
         freqs = size * size * (size // 2 + 1)
         x = torch.randn(freqs, tiles, cin, 2, requires_grad=True)
-        angles = tuple(getattr(layer, name) for name in layer.angle_names)
-        amplitudes = (layer.a_re, layer.a_im, layer.f_re, layer.f_im, layer.psi)
-        stored = spectrum_product(
-            lambda sizes, a=angles, m=amplitudes, g=layer: separable.gabor_spectrum(g.sigma, a, *m, k, sizes)
-        )
+        stored = stored_product(lambda sizes, g=layer: native_spectrum(g.eq2_params(), k, sizes))
 
         def run(product: Callable[[], torch.Tensor], layer: nn.Module = layer, x: torch.Tensor = x) -> None:
             for p in layer.parameters():
@@ -265,17 +271,118 @@ def product_section(reps: int, k: int) -> tuple[list[str], dict[str, float]]:
             x.grad = None
             product().square().sum().backward()
 
-        def inside(g: nn.Module = layer, a=angles, m=amplitudes, x=x, s=sizes) -> torch.Tensor:
-            return separable.gabor_spectral_product(x, g.sigma, a, *m, k, s)
+        def inside(g: nn.Module = layer, x=x, s=sizes) -> torch.Tensor:
+            return fused_product(x, g.eq2_params(), k, s)
 
-        def stored_product(p: Callable = stored, x=x, s=sizes) -> torch.Tensor:
+        def with_stored(p: Callable = stored, x=x, s=sizes) -> torch.Tensor:
             return p(x, s)
 
-        t = interleaved({"inside": lambda f=inside: run(f), "stored": lambda f=stored_product: run(f)}, reps)
+        t = interleaved({"inside": lambda f=inside: run(f), "stored": lambda f=with_stored: run(f)}, reps)
         ratio = t["inside"] / t["stored"]
         times = f"{1e3 * t['inside']:.1f} ms | {1e3 * t['stored']:.1f} ms"
         rows.append(f"| {cin}->{cout} | {size}^3 | {tiles} | {times} | {ratio:.2f} |")
         keys[f"fused_product_ratio_{cin}_{cout}_{size}_t{tiles}"] = ratio
+    return rows, keys
+
+
+def arrangement_section(reps: int, k: int, sizes: list[int]) -> tuple[list[str], dict[str, float]]:
+    """(f) the stored-spectrum channel product, forward + backward (input spectra and spectrum), in both
+    arrangements at the tile plans the network's layers get with the stored spectrum (as without the C
+    kernels) and, where they have more than product.FUSED_MAX_TILES tiles, with the C kernels."""
+    rows = [
+        "| cin->cout | FFT size | tiles | rows | block | rows / block | rule picks |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    keys: dict[str, float] = {}
+    cases = set()
+    for size in sizes:
+        for level, cin, cout in LAYERS:
+            n = size // 2**level
+            for fused_tiles in (0, backend.FUSED_MAX_TILES):
+                axes = plan_tiles((n,) * 3, (k,) * 3, cin, cout, 1, None, fused_tiles)
+                tiles = math.prod(t for _, _, t in axes)
+                freqs = math.prod(p for p, _, _ in axes[:-1]) * (axes[-1][0] // 2 + 1)
+                if tiles > fused_tiles and freqs * cin * cout * 8 <= 2**30:  # spectrum up to 1 GB
+                    cases.add((cin, cout, freqs, tiles, axes[0][0]))
+    for cin, cout, freqs, tiles, p in sorted(cases, key=lambda c: c[2] * c[3] * (c[0] + c[1])):
+        torch.manual_seed(0)
+        x = torch.randn(freqs, tiles, cin, 2, requires_grad=True)
+        w = torch.randn(2, freqs, cin, cout, requires_grad=True)
+        g = torch.randn(freqs, tiles, cout, 2)
+
+        def rows_product(x=x, w=w, f=freqs, t=tiles, c=cin) -> torch.Tensor:
+            return _RowsProduct.apply(x.permute(0, 3, 1, 2).reshape(f, 2 * t, c), w)  # (F, [re; im] T, cin)
+
+        def block_product(x=x, w=w, f=freqs, t=tiles, c=cin, o=cout) -> torch.Tensor:
+            return _BlockProduct.apply(x.reshape(f, t, 2 * c), w).view(f, t, o, 2)  # from (F, T, 2 cin)
+
+        def fwd_bwd(fn, x=x, w=w, g=g) -> Callable[[], object]:
+            return lambda: torch.autograd.grad(fn(), (x, w), g)
+
+        t = interleaved({"rows": fwd_bwd(rows_product), "block": fwd_bwd(block_product)}, reps)
+        rule = "rows" if tiles * (cin + cout) < 2 * cin * cout else "block"
+        ratio = t["rows"] / t["block"]
+        times = f"{1e3 * t['rows']:.1f} ms | {1e3 * t['block']:.1f} ms"
+        rows.append(f"| {cin}->{cout} | {p}^3 | {tiles} | {times} | {ratio:.2f} | {rule} |")
+        keys[f"rows_vs_block_{cin}_{cout}_{p}_t{tiles}"] = ratio
+    return rows, keys
+
+
+def _saved_bytes(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """fn()'s result and the bytes of the tensors autograd saved for its backward."""
+    total = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total[0]
+
+
+GENERATION_CASES = ((3, 1, 12), (3, 36, 12), (3, 24, 24), (3, 72, 24), (3, 48, 48), (3, 96, 96), (3, 288, 96))
+GENERATION_CASES += ((3, 192, 192), (2, 64, 64), (2, 128, 128))  # (spatial dims, cin, cout)
+
+
+def generation_section(reps: int, k: int) -> tuple[list[str], dict[str, float]]:
+    """(g) the weight's generation, forward + backward: eq. 2 as written (layer.weight(), the reference's
+    generator), the separable PyTorch operations (the fallback without C kernels in 3D) and the C kernels;
+    with the bytes autograd keeps for the backward."""
+    rows = [
+        "| layer | formula | separable torch | C kernels | separable / formula | formula saves | "
+        "separable saves | saved ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    keys: dict[str, float] = {}
+    for d, cin, cout in GENERATION_CASES:
+        torch.manual_seed(0)
+        layer = (GaborConv3d if d == 3 else GaborConv2d)(cin, cout, k)
+        variants = {
+            "formula": lambda g=layer: g.weight(),
+            "separable": lambda g=layer: torch_weight(g.eq2_params(), k),
+        }
+        if native.available(layer.sigma_raw):
+            variants["C"] = lambda g=layer: native_weight(g.eq2_params(), k)
+        saved = {name: _saved_bytes(fn)[1] for name, fn in variants.items()}
+
+        def fwd_bwd(fn: Callable[[], torch.Tensor], g: nn.Module = layer) -> Callable[[], object]:
+            def run() -> None:
+                w = fn()
+                torch.autograd.grad(w, list(g.parameters())[:-1], torch.ones_like(w))
+
+            return run
+
+        t = interleaved({name: fwd_bwd(fn) for name, fn in variants.items()}, reps)
+        ratio, saved_ratio = t["separable"] / t["formula"], saved["separable"] / saved["formula"]
+        c_time = f"{1e3 * t['C']:.1f} ms" if "C" in t else "-"
+        rows.append(
+            f"| {d}D {cin}->{cout} | {1e3 * t['formula']:.1f} ms | {1e3 * t['separable']:.1f} ms | "
+            f"{c_time} | {ratio:.2f} | {saved['formula'] / 2**20:.1f} MiB | "
+            f"{saved['separable'] / 2**20:.1f} MiB | {saved_ratio:.2f} |"
+        )
+        keys[f"separable_vs_formula_generation_{d}d_{cin}_{cout}"] = ratio
+        keys[f"separable_vs_formula_saved_{d}d_{cin}_{cout}"] = saved_ratio
     return rows, keys
 
 
@@ -330,7 +437,7 @@ def model_section(size: int, reps: int, with_direct: bool, channels) -> tuple[li
     kinds["conventional (batch 2, contiguous)"] = ("conventional", "auto", contiguous, 2)
     variants, flops = {}, {}
     for name, (kind, impl, fmt, batch) in kinds.items():
-        model = WongNet(1, 20, KernelFactory(kind, impl=impl), channels=channels).to(memory_format=fmt)
+        model = WongNet(1, 20, KERNELS[kind](impl=impl), channels=channels).to(memory_format=fmt)
         xs = x.expand(batch, -1, -1, -1, -1).contiguous(memory_format=fmt)
         ys = y.expand(batch, -1, -1, -1, -1)
         if kind == "conventional":
@@ -475,12 +582,12 @@ def nifti_cases(workdir: Path, size: int) -> list[dict]:
 def data_wait(cases: list[dict], size: int, steps: int, channels) -> tuple[float, float]:
     """(median loader wait s, median step s) over `steps` iterations of a conventional-model training loop
     on `cases` (cached arrays), with the paper's augmentation and the trainer's default loader."""
+    from medexp.data.augment import random_affine
     from medexp.data.loaders import make_loader
-    from medexp.data.transforms import paper_augmentation
 
     shape = [size] * 3
-    loader = make_loader(cases, batch_size=1, train=True, augmentation=paper_augmentation(3, shape=shape))
-    model = WongNet(1, 20, KernelFactory("conventional"), channels=channels).to(memory_format=CL)
+    loader = make_loader(cases, batch_size=1, train=True, augmentation=random_affine(3, shape=shape))
+    model = WongNet(1, 20, ConventionalKernels(), channels=channels).to(memory_format=CL)
     loss_fn, optimizer = PCCLoss(), torch.optim.NAdam(model.parameters(), lr=1e-3)
     waits, computes = [], []
     while len(computes) < steps + 1:
@@ -539,7 +646,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--kernel-size", type=int, default=7, help="Gabor kernel size (paper: 7)")
     parser.add_argument("--job-runs", type=int, help="timed `medexp train` runs (1 quick, 3 full; 0 skips)")
     parser.add_argument(
-        "--sections", default="layer,gradient,product,model,runner", help="comma-separated subset"
+        "--sections",
+        default="layer,gradient,product,arrangement,generation,model,runner",
+        help="comma-separated subset",
     )
     parser.add_argument("--max-level", type=int, default=4, help="deepest network level in the layer table")
     parser.add_argument(
@@ -566,6 +675,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             ("layer", lambda: layer_section(sizes, reps, args.kernel_size, args.max_level)),
             ("gradient", lambda: gradient_section(reps, args.kernel_size)),
             ("product", lambda: product_section(reps, args.kernel_size)),
+            ("arrangement", lambda: arrangement_section(reps, args.kernel_size, sizes)),
+            ("generation", lambda: generation_section(reps, args.kernel_size)),
             ("model", lambda: model_section(args.model_size, reps, not args.quick, args.channels)),
             ("runner", lambda: runner_section(workdir, args.model_size, reps, job_runs, args.channels)),
         ):

@@ -1,4 +1,6 @@
-"""FFT convolution against F.conv{2,3}d, and the Gabor layer's fft / direct / auto paths and kernel cache."""
+"""The FFT convolution (medexp.nn.fast.fftconv) against F.conv{2,3}d for any weight: overlap-save tiles,
+the pruned-DFT kernel spectrum, both channel-product arrangements, tile plans and the crop to the reach
+of small volumes. The Gabor layers' use of it is tested against their reference in test_gabor_backends."""
 
 from __future__ import annotations
 
@@ -6,24 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medexp.nn import fftconv, gabor
-from medexp.nn.fftconv import (
-    _format_of,
-    choose_impl,
-    fft_conv,
-    gemm_conv,
-    kernel_spectrum,
-    plan_tiles,
-    same_conv,
-)
-from medexp.nn.gabor import (
-    GaborConv2d,
-    GaborConv3d,
-    gabor_kernel2d,
-    gabor_kernel2d_fused,
-    gabor_kernel3d,
-    gabor_kernel3d_fused,
-)
+from medexp.nn.fast import product
+from medexp.nn.fast.backend import crop_to_reach
+from medexp.nn.fast.direct import direct_conv
+from medexp.nn.fast.fftconv import fft_conv, plan_tiles, tile_candidates
+from medexp.nn.fast.spectrum import kernel_spectrum
 
 
 def assert_close_scaled(got, want, rtol=2e-5):
@@ -62,11 +51,10 @@ def test_fft_conv_matches_conv_forward_and_grads(shape, k, tile, channels_last):
     x, w, b = (t.requires_grad_() for t in (x, w, b))
     conv = F.conv3d if d == 3 else F.conv2d
     want = grads(lambda x, w, b: conv(x, w, b, padding=k // 2), x, w, b)
-    for impl in (lambda x, w, b: fft_conv(x, w, b, tile=tile), gemm_conv):
-        got = grads(impl, x, w, b)
-        for g, r in zip(got, want, strict=True):
-            assert g.shape == r.shape
-            assert_close_scaled(g, r)
+    got = grads(lambda x, w, b: fft_conv(x, w, b, tile=tile), x, w, b)
+    for g, r in zip(got, want, strict=True):
+        assert g.shape == r.shape
+        assert_close_scaled(g, r)
     assert got[0].is_contiguous(memory_format=torch.channels_last_3d if d == 3 else torch.channels_last) or (
         not channels_last and got[0].is_contiguous()
     )
@@ -102,121 +90,52 @@ def test_plan_tiles():
         fft_conv(torch.zeros(1, 2, 8, 8), torch.zeros(1, 1, 3, 3))
 
 
-@pytest.mark.parametrize("size", [3, 7])
-def test_fused_generation_matches_formula(size):
-    torch.manual_seed(3)
-    conv3, conv2 = GaborConv3d(3, 4, size), GaborConv2d(3, 4, size)
-    with torch.no_grad():  # move away from the initial ranges: every parameter matters
-        for p in [*conv3.parameters(), *conv2.parameters()]:
-            p.add_(0.5 * torch.randn_like(p))
-    for conv, ref_fn, fused_fn in (
-        (conv3, gabor_kernel3d, gabor_kernel3d_fused),
-        (conv2, gabor_kernel2d, gabor_kernel2d_fused),
-    ):
-        params = [conv.sigma, *[getattr(conv, n) for n in conv.param_names[1:]]]
-        want = grads(lambda *p, f=ref_fn: f(*p, size=size), *params)
-        got = grads(lambda *p, f=fused_fn: f(*p, size=size), *params)
-        for g, r in zip(got, want, strict=True):
-            assert_close_scaled(g, r, rtol=1e-5)
+@pytest.mark.parametrize("freqs, tiles, cin, cout", [(5, 1, 6, 4), (3, 7, 2, 3)])  # rows; block
+def test_channel_product_arrangements_equal_the_complex_product(freqs, tiles, cin, cout):
+    # Rows ([x_re; x_im] against w_re, w_im) and block ([[w_re, w_im], [-w_im, w_re]]) arrangements, and the
+    # rule's pick between them, all give sum_i X[f, n, i] K[f, i, o] and its gradients w.r.t. the input
+    # spectra and the kernel spectrum.
+    torch.manual_seed(5)
+    x = torch.randn(freqs, tiles, cin, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, freqs, cin, cout, dtype=torch.float64, requires_grad=True)
+
+    def complex_product(x, w):
+        y = torch.einsum("fni,fio->fno", torch.view_as_complex(x), torch.complex(w[0], w[1]))
+        return torch.view_as_real(y)  # (F, T, cout, 2)
+
+    def rows(x, w):
+        return product._RowsProduct.apply(x.permute(0, 3, 1, 2).reshape(freqs, 2 * tiles, cin), w)
+
+    def block(x, w):
+        return product._BlockProduct.apply(x.reshape(freqs, tiles, 2 * cin), w).view(freqs, tiles, cout, 2)
+
+    want = grads(complex_product, x, w)
+    for arrangement in (rows, block, product.channel_product):
+        for g, r in zip(grads(arrangement, x, w), want, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("cls, shape", [(GaborConv3d, (2, 3, 9, 10, 11)), (GaborConv2d, (2, 3, 21, 17))])
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("fused_max_tiles", [0, 4])  # fft: the stored spectrum's product, or the fused one
-def test_gabor_fft_and_gemm_equal_direct(cls, shape, channels_last, fused_max_tiles, monkeypatch):
-    monkeypatch.setattr(gabor, "FUSED_MAX_TILES", fused_max_tiles)
-    torch.manual_seed(4)
-    layers = {impl: cls(3, 5, 7, impl=impl) for impl in ("direct", "direct_contiguous", "fft", "gemm")}
-    for impl in ("direct_contiguous", "fft", "gemm"):
-        layers[impl].load_state_dict(layers["direct"].state_dict())
-    x = torch.randn(shape)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last_3d if len(shape) == 5 else torch.channels_last)
-    results = {}
-    for impl, layer in layers.items():
-        xi = x.clone().requires_grad_()
-        out = layer(xi)
-        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(5)))
-        results[impl] = [out, xi.grad, *[p.grad for p in layer.parameters()]]
-    for impl in ("direct_contiguous", "fft", "gemm"):
-        for got, want in zip(results[impl], results["direct"], strict=True):
-            assert got.is_contiguous(memory_format=_format_of(want))  # in the input's layout
-            assert_close_scaled(got, want, rtol=5e-5)
-
-
-def test_kernel_cache_in_eval_only():
-    torch.manual_seed(6)
-    conv = GaborConv3d(2, 3, 5, impl="direct")
-    with torch.no_grad():
-        first, second = conv.kernel(), conv.kernel()
-        assert first is second  # cached while the parameters are unchanged
-        conv.psi.add_(0.1)  # an in-place update (optimiser step) bumps the version counter
-        third = conv.kernel()
-    assert third is not first and not torch.equal(third, first)
-    torch.testing.assert_close(third, conv._generate(conv.kernel_size, True).detach())
-    trained = conv.kernel()
-    assert trained.requires_grad and trained is not conv.kernel()  # with autograd: generated every call
-    x = torch.randn(1, 2, 6, 6, 6)
-    with torch.no_grad():
-        torch.testing.assert_close(conv(x), F.conv3d(x, conv._generate(5, True), conv.bias, padding=2))
-        contiguous = conv.kernel(channels_last=False)
-        assert contiguous.is_contiguous() and contiguous is not third  # the layout is in the cache key
-        torch.testing.assert_close(contiguous, third, rtol=0, atol=0)
-        spectrum = conv.spectrum(5, (8, 8, 8))
-        assert spectrum is conv.spectrum(5, (8, 8, 8)) and conv._kernel_cache is None  # one cache at a time
-        torch.testing.assert_close(spectrum, kernel_spectrum(contiguous, (8, 8, 8)))
-    conv.kernel()  # training: nothing cached, nothing kept
-    assert conv._kernel_cache is None and conv._spectrum_cache is None
-
-
-def test_auto_choice_is_measured_once_and_cached(monkeypatch):
-    calls = []
-    monkeypatch.setattr(fftconv, "_AUTO_CHOICE", {})
-    monkeypatch.setattr(
-        fftconv, "_measure", lambda x, w, grad, candidates, layer: calls.append(grad) or "fft"
-    )
-    x, w = torch.randn(1, 2, 8, 8, 8), torch.randn(3, 2, 7, 7, 7)
-    assert choose_impl(x, w.shape, False) == "fft" and choose_impl(x, w.shape, False) == "fft"
-    assert calls == [False]  # no grad needed -> one forward-only measurement
-    assert choose_impl(x, w.shape, True) == "fft" and calls == [False, True]  # grad mode is in the key
-    assert choose_impl(x, (3, 2, 3, 3, 3), True) == "direct"  # 27-tap kernels never measured
-    torch.testing.assert_close(same_conv(x, w, impl="auto"), F.conv3d(x, w, padding=3), rtol=1e-4, atol=1e-3)
-
-
-def test_auto_measurement_runs():
-    torch.manual_seed(7)
-    conv = GaborConv3d(2, 3, 7, impl="auto")
-    x = torch.randn(1, 2, 8, 8, 8, requires_grad=True)
-    conv(x).sum().backward()
-    key = fftconv.auto_key(x, conv.kernel().shape, True, "GaborConv3d")  # timed by the layer itself
-    assert fftconv._AUTO_CHOICE[key] in ("direct", "direct_contiguous", "fft", "gemm")
-    assert x.grad is not None and all(p.grad is not None for p in conv.parameters())
-
-
-@pytest.mark.parametrize("impl", ["direct", "direct_contiguous", "gemm", "fft", "auto"])
+@pytest.mark.parametrize("conv", ["direct", "direct_contiguous", "fft"])
 @pytest.mark.parametrize("spatial", [(1, 1, 1), (2, 2, 2), (2, 5, 1), (3, 9)])
-def test_small_volumes_use_only_the_taps_that_reach_them(impl, spatial):
+def test_small_volumes_need_only_the_taps_that_reach_them(conv, spatial):
     # On n voxels a 'same' 7-tap axis has only min(7, 2n - 1) taps that ever meet the volume: the cropped
     # convolution must equal the full 7^d one, values and gradients (the cropped taps' gradients are zero).
     torch.manual_seed(8)
     d = len(spatial)
     x = torch.randn(2, 3, *spatial, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 3, *[7] * d, dtype=torch.float64, requires_grad=True)
-    conv = F.conv3d if d == 3 else F.conv2d
-    want = grads(lambda a, b: conv(a, b, padding=3), x, w)
-    got = grads(lambda a, b: same_conv(a, b, impl=impl), x, w)
-    assert fftconv.crop_to_reach(w, spatial).shape[2:] == tuple(min(7, 2 * n - 1) for n in spatial)
+    full = F.conv3d if d == 3 else F.conv2d
+    want = grads(lambda a, b: full(a, b, padding=3), x, w)
+    run = (
+        fft_conv if conv == "fft" else lambda a, b: direct_conv(a, b, contiguous=conv == "direct_contiguous")
+    )
+    got = grads(lambda a, b: run(a, crop_to_reach(b, spatial)), x, w)
+    assert crop_to_reach(w, spatial).shape[2:] == tuple(min(7, 2 * n - 1) for n in spatial)
     for g, r in zip(got, want, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("impl", ["direct", "direct_contiguous", "fft", "gemm"])
-def test_gabor_layer_on_volumes_smaller_than_its_kernel(impl):
-    # GaborConv3d generates only the central 3^3 taps (or their spectrum, for fft) for 2^3 voxels and 1 tap
-    # for 1^3: same result as nn.Conv3d with the whole generated 7^3 kernel; (2, 5, 1) crops per axis.
-    torch.manual_seed(9)
-    layer = GaborConv3d(3, 4, 7, impl=impl).double()
-    for shape in ((1, 1, 1), (2, 2, 2), (3, 3, 3), (2, 5, 1)):
-        x = torch.randn(2, 3, *shape, dtype=torch.float64)
-        want = F.conv3d(x, layer.kernel().detach(), layer.bias.detach(), padding=3)
-        torch.testing.assert_close(layer(x), want, rtol=1e-10, atol=1e-10)
+def test_tile_candidates_for_timing():
+    # Off the CPU's cost model the FFT times one tile per axis and tiles of ~2 and ~4 overlaps (k - 1 = 6).
+    assert tile_candidates((64, 64, 64), (7, 7, 7)) == [12, 24, 70]
+    assert tile_candidates((4, 4, 4), (7, 7, 7)) == [8]  # one tile of 8 >= 4 + 3 beats them all

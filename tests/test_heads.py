@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -119,3 +121,108 @@ def test_nerd_positions_usable_after_inference_mode():
     with torch.inference_mode():
         head(x)
     head(x).sum().backward()  # the inference-mode cache entry must not leak into autograd
+
+
+# --- chunking over positions (medexp.nn.chunks): the same values and gradients at the memory of one slab
+
+
+def _upsample(level: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """What WongNet's deep supervision does to a decoder output: (tri/bi)linear, align_corners=False."""
+    if tuple(level.shape[2:]) == size:
+        return level
+    mode = "trilinear" if len(size) == 3 else "bilinear"
+    return torch.nn.functional.interpolate(level, size=size, mode=mode, align_corners=False)
+
+
+def _values_and_grads(head: nn.Module, inputs: list[torch.Tensor], run, grad: torch.Tensor):
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    head.zero_grad(set_to_none=True)
+    out = run(head, inputs)
+    out.backward(grad)
+    return out.detach(), [t.grad for t in inputs], [p.grad for p in head.parameters()]
+
+
+def _assert_same(a, b, rtol: float, atol: float) -> None:
+    """Values and gradients equal to float64 rounding: the same products, summed in another order (the
+    parameters' gradients over slabs; a BLAS may also block a slab's matmul differently)."""
+    for x, y in zip([a[0], *a[1], *a[2]], [b[0], *b[1], *b[2]], strict=True):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
+
+
+def _pair(head_cls, channels: int, dims: int, slab_rows: int, spatial: tuple[int, ...], batch: int = 2):
+    """(unchunked, chunked) heads with equal random parameters, in float64; the chunked one's budget holds
+    `slab_rows` rows of the first spatial axis."""
+    heads = []
+    for chunk_bytes in (None, 1):
+        head = randomise(head_cls(channels, 3, dims, chunk_bytes=chunk_bytes).double(), scale=0.3)
+        heads.append(head)
+    row = batch * math.prod(spatial[1:]) * heads[1].values_per_position() * 8
+    heads[1].chunk_bytes = slab_rows * row
+    return heads
+
+
+@pytest.mark.parametrize("head_cls", [NeRDcHead, NeRDmHead])
+@pytest.mark.parametrize("spatial", [(7, 4, 3), (9, 5)])
+def test_chunked_head_equals_unchunked(head_cls, spatial):
+    whole, chunked = _pair(head_cls, 5, len(spatial), slab_rows=2, spatial=spatial)
+    assert len(chunked._slabs(2, spatial, 8)) == math.ceil(spatial[0] / 2)  # 2 rows a slab, the last 1
+    torch.manual_seed(1)
+    x, grad = torch.randn(2, 5, *spatial).double(), torch.randn(2, 3, *spatial).double()
+    run = lambda head, inputs: head(inputs[0])  # noqa: E731
+    _assert_same(
+        _values_and_grads(chunked, [x], run, grad), _values_and_grads(whole, [x], run, grad), 1e-12, 1e-12
+    )
+
+
+@pytest.mark.parametrize("head_cls", [NeRDcHead, NeRDmHead])
+@pytest.mark.parametrize(
+    "size,levels",
+    [
+        ((16, 8, 12), [(2, 16, 8, 12), (3, 8, 4, 6), (2, 4, 2, 3), (1, 2, 1, 3)]),  # x1, x2, x4, x8
+        ((16, 8), [(3, 16, 8), (2, 8, 4), (3, 2, 1)]),
+    ],
+)
+def test_forward_levels_equals_head_on_upsampled_features(head_cls, size, levels):
+    """head.forward_levels(levels, size) == head(cat(upsample(levels))) without building the features:
+    each slab upsamples the rows it reads (exact for power-of-two factors)."""
+    channels = sum(shape[0] for shape in levels)
+    whole, chunked = _pair(head_cls, channels, len(size), slab_rows=3, spatial=size)
+    torch.manual_seed(2)
+    tensors = [torch.randn(2, *shape).double() for shape in levels]
+    grad = torch.randn(2, 3, *size).double()
+    on_features = lambda head, ts: head(torch.cat([_upsample(t, size) for t in ts], dim=1))  # noqa: E731
+    by_levels = lambda head, ts: head.forward_levels(ts, size)  # noqa: E731
+    expected = _values_and_grads(whole, tensors, on_features, grad)
+    _assert_same(_values_and_grads(chunked, tensors, by_levels, grad), expected, 1e-12, 1e-12)
+    _assert_same(_values_and_grads(whole, tensors, by_levels, grad), expected, 1e-12, 1e-12)  # one slab
+
+
+@pytest.mark.parametrize("head_cls", [NeRDcHead, NeRDmHead])
+def test_chunked_head_saves_only_its_input_for_backward(head_cls):
+    """What autograd keeps between forward and backward: the chunked head only its input (parameters
+    aside); the unchunked NeRDc at least its (B, K, J, P) projections."""
+    whole, chunked = _pair(head_cls, 5, 3, slab_rows=1, spatial=(6, 4, 4))
+    x = torch.randn(2, 5, 6, 4, 4, dtype=torch.float64, requires_grad=True)
+
+    def saved_bytes(head: nn.Module) -> int:
+        params = {p.untyped_storage().data_ptr() for p in head.parameters()}
+        seen = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            head(x)
+        return sum(seen.values())
+
+    assert saved_bytes(chunked) == x.numel() * 8
+    if head_cls is NeRDcHead:
+        assert saved_bytes(whole) >= 2 * 3 * 32 * 96 * 8  # (B, K, J, P) in float64
+
+
+def test_nerd_chunk_bytes_must_be_positive():
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        NeRDcHead(4, 3, 3, chunk_bytes=0)

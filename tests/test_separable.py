@@ -1,4 +1,5 @@
-"""The separable Gabor generation (medexp.nn.separable) and its C kernel (medexp.nn.native)."""
+"""The separable Gabor generation and its C kernels (medexp.nn.fast.generate, .spectrum, .product,
+.gradient, .native) against the PyTorch operations they replace, values and gradients."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import stat
 import pytest
 import torch
 
-from medexp.nn import native, separable
-from medexp.nn.fftconv import _channel_product, kernel_spectrum, same_conv, weight_channels_last
-from medexp.nn.gabor import gabor_kernel2d, gabor_kernel3d
+from medexp.nn.fast import generate, gradient, native
+from medexp.nn.fast.direct import direct_conv, weight_channels_last
+from medexp.nn.fast.generate import expand_torch, native_weight, rows_torch, torch_weight
+from medexp.nn.fast.gradient import fused_gradient_conv
+from medexp.nn.fast.product import channel_product, fused_product
+from medexp.nn.fast.spectrum import kernel_spectrum, native_spectrum
+from medexp.nn.gabor import GaborConv3d, gabor_kernel2d, gabor_kernel3d
 
 needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler")
 
@@ -28,12 +33,6 @@ def _params(cout: int, cin: int, d: int, dtype=torch.float64, seed: int = 0) -> 
     amplitudes = [uniform(-1, 1), uniform(-1, 1), uniform(0, 0.3), uniform(0, 0.3)]
     amplitudes.append(uniform(-math.pi, math.pi))  # psi
     return [sigma, *angles, *amplitudes]
-
-
-def _split(params) -> tuple:
-    """(sigma, angles, amplitudes) of `_params`' list: the angles are all but the last 5 after sigma."""
-    sigma, *rest = params
-    return sigma, tuple(rest[: len(rest) - 5]), rest[len(rest) - 5 :]
 
 
 def _same_values_and_gradients(got, want, inputs) -> None:
@@ -57,10 +56,8 @@ def _on_threads(n: int, fn):
 
 
 def _weight(params, k, native: bool, channels_last: bool = True):
-    sigma, angles, amplitudes = _split(params)
-    if native:
-        return separable.gabor_weight(sigma, angles, *amplitudes, k, channels_last)
-    return separable.expand_torch(separable.rows_torch(sigma, angles, *amplitudes), k)
+    """The weight by the C kernels, or by the separable PyTorch operations (the fallback)."""
+    return native_weight(tuple(params), k, channels_last) if native else torch_weight(tuple(params), k)
 
 
 def test_rows_from_eq2_parameters_give_the_formula():
@@ -73,10 +70,10 @@ def test_rows_from_eq2_parameters_give_the_formula():
     q = torch.tensor([[[1 / (2 * sigma**2), *omega, *coef]]], dtype=torch.float64)
     params = [torch.tensor([[v]], dtype=torch.float64) for v in (sigma, ty, tz, a_re, a_im, f_re, f_im, psi)]
     want = gabor_kernel3d(*params, size=5)
-    torch.testing.assert_close(separable.expand_torch(q, 5), want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(separable.rows_torch(params[0], tuple(params[1:3]), *params[3:]), q)
-    got = separable.gabor_weight(params[0], tuple(params[1:3]), *params[3:], 5)  # C kernels where available
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(expand_torch(q, 5), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rows_torch(tuple(params)), q)
+    if native.available(params[0]):
+        torch.testing.assert_close(native_weight(tuple(params), 5), want, rtol=1e-12, atol=1e-12)
 
 
 def test_2d_rows_give_the_formula():
@@ -86,9 +83,7 @@ def test_2d_rows_give_the_formula():
     coef = [a_re * math.cos(psi), a_re * math.sin(psi), a_im * math.sin(psi), -a_im * math.cos(psi)]
     q = torch.tensor([[[1 / (2 * sigma**2), *omega, *coef]]], dtype=torch.float64)
     params = [torch.tensor([[v]], dtype=torch.float64) for v in (sigma, theta, a_re, a_im, f_re, f_im, psi)]
-    torch.testing.assert_close(
-        separable.expand_torch(q, 7), gabor_kernel2d(*params, size=7), rtol=1e-12, atol=1e-12
-    )
+    torch.testing.assert_close(expand_torch(q, 7), gabor_kernel2d(*params, size=7), rtol=1e-12, atol=1e-12)
 
 
 @needs_native
@@ -100,6 +95,8 @@ def test_native_matches_torch_values_and_gradients(d, cout, cin, channels_last):
     got, want = _weight(params, 7, native=True, channels_last=channels_last), _weight(params, 7, native=False)
     assert got.stride(1) == 1 if channels_last else got.is_contiguous()  # the layout asked for
     _same_values_and_gradients(got, want, params)
+    formula = (gabor_kernel3d if d == 3 else gabor_kernel2d)(*params, size=7)  # eq. 2 as written
+    _same_values_and_gradients(_weight(params, 7, native=True, channels_last=channels_last), formula, params)
 
 
 @needs_native
@@ -108,7 +105,7 @@ def test_native_matches_torch_values_and_gradients(d, cout, cin, channels_last):
 def test_native_gradcheck(d, channels_last):
     params = _params(2, 19, d, seed=3)
     assert torch.autograd.gradcheck(
-        lambda *p: _weight(p, 5, native=True, channels_last=channels_last), params
+        lambda *p: _weight(p, 5, native=True, channels_last=channels_last), params, fast_mode=True
     )
 
 
@@ -116,7 +113,7 @@ def test_native_gradcheck(d, channels_last):
 def test_native_float32_and_threads(monkeypatch):
     params = _params(24, 40, 3, seed=4)
     want = _weight(params, 7, native=False).detach()
-    monkeypatch.setattr(separable, "MIN_PER_THREAD", 64)  # several ranges even for this small layer
+    monkeypatch.setattr(native, "MIN_PER_THREAD", 64)  # several ranges even for this small layer
     floats = [p.detach().float() for p in params]
     for n in (1, 3):  # one range, and ranges that split the 24 * 3 blocks and 960 pairs unevenly
         for channels_last in (True, False):
@@ -126,9 +123,11 @@ def test_native_float32_and_threads(monkeypatch):
 
 def test_bad_shapes_and_sizes_are_rejected():
     with pytest.raises(ValueError, match="cout, cin, 11"):
-        separable.expand_torch(torch.zeros(4, 11), 7)
+        expand_torch(torch.zeros(4, 11), 7)
     with pytest.raises(ValueError, match="odd"):
-        separable.gabor_weight(*[torch.ones(1, 1)] * 2, *[torch.ones(1, 1)] * 5, k=4)
+        native_weight((torch.ones(1, 1),) * 8, k=4)
+    with pytest.raises(ValueError, match="even lengths"):
+        native_spectrum((torch.ones(1, 1),) * 8, 3, (8, 7, 8))
 
 
 def test_no_compiler_falls_back_with_one_warning(tmp_path, monkeypatch):
@@ -141,12 +140,15 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path, monkeypatch):
     try:
         with pytest.warns(UserWarning, match="could not compile .*separable.c.*broken-cc: cannot compile"):
             assert native.library() is None
-        params = _params(2, 3, 3)
-        torch.testing.assert_close(_weight(params, 5, native=True), _weight(params, 5, native=False))
+        assert not native.available(torch.zeros(1))
+        torch.manual_seed(0)
+        layer, x = GaborConv3d(3, 2, 5, impl="direct"), torch.randn(1, 3, 6, 6, 6)
+        torch.testing.assert_close(layer(x), layer.reference(x))  # the PyTorch generation
     finally:
         native.library.cache_clear()
 
 
+@pytest.mark.slow  # compiles the C kernels into a fresh cache
 @needs_native
 def test_build_is_cached_per_key(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDEXP_CACHE_DIR", str(tmp_path))
@@ -164,11 +166,10 @@ def test_build_is_cached_per_key(tmp_path, monkeypatch):
 
 
 def _spectrum(params, k, sizes, native: bool):
-    sigma, angles, amplitudes = _split(params)
+    """The kernel spectrum by the C kernels, or as the pruned DFT of the separable PyTorch weight."""
     if native:
-        return separable.gabor_spectrum(sigma, angles, *amplitudes, k, sizes)
-    weight = separable.expand_torch(separable.rows_torch(sigma, angles, *amplitudes), k)
-    return kernel_spectrum(weight, sizes)
+        return native_spectrum(tuple(params), k, sizes)
+    return kernel_spectrum(torch_weight(tuple(params), k), sizes)
 
 
 @needs_native
@@ -192,9 +193,11 @@ def test_native_spectrum_is_the_kernels_conjugate_rfft(d, sizes, cout, cin):
 @needs_native
 def test_native_spectrum_gradcheck_and_float32_threads(monkeypatch):
     params = _params(18, 2, 3, seed=6)
-    assert torch.autograd.gradcheck(lambda *p: _spectrum(p, 3, (4, 6, 4), native=True), params)
+    assert torch.autograd.gradcheck(
+        lambda *p: _spectrum(p, 3, (4, 6, 4), native=True), params, fast_mode=True
+    )
     want = _spectrum(params, 7, (14, 14, 14), native=False).detach()
-    monkeypatch.setattr(separable, "MIN_PER_THREAD", 8)  # 2 x 2 blocks over 3 threads: uneven ranges
+    monkeypatch.setattr(native, "MIN_PER_THREAD", 8)  # 2 x 2 blocks over 3 threads: uneven ranges
     got = _on_threads(
         3, lambda: _spectrum([p.detach().float() for p in params], 7, (14, 14, 14), native=True)
     )
@@ -203,12 +206,11 @@ def test_native_spectrum_gradcheck_and_float32_threads(monkeypatch):
 
 def _stored_product(x, params, k, sizes):
     """The channel product with the spectrum of the taps (the PyTorch path: pruned DFT of expand_torch)."""
-    return _channel_product(x, _spectrum(params, k, sizes, native=False))
+    return channel_product(x, _spectrum(params, k, sizes, native=False))
 
 
 def _fused_product(x, params, k, sizes):
-    sigma, angles, amplitudes = _split(params)
-    return separable.gabor_spectral_product(x, sigma, angles, *amplitudes, k, sizes)
+    return fused_product(x, tuple(params), k, sizes)
 
 
 @needs_native
@@ -229,10 +231,12 @@ def test_native_spectral_product_equals_the_stored_spectrum_product(d, sizes, co
 def test_native_spectral_product_gradcheck_and_float32_threads(monkeypatch):
     params = _params(18, 2, 3, seed=8)
     x = torch.randn(4 * 6 * 3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, *p: _fused_product(x, p, 3, (4, 6, 4)), [x, *params])
+    assert torch.autograd.gradcheck(
+        lambda x, *p: _fused_product(x, p, 3, (4, 6, 4)), [x, *params], fast_mode=True
+    )
     x = torch.randn(14 * 14 * 8, 1, 2, 2, dtype=torch.float64)
     want = _stored_product(x, params, 7, (14, 14, 14)).detach()
-    monkeypatch.setattr(separable, "MIN_PER_THREAD", 8)  # 14 rows of frequencies over 3 threads: uneven
+    monkeypatch.setattr(native, "MIN_PER_THREAD", 8)  # 14 rows of frequencies over 3 threads: uneven
     floats = [p.detach().float() for p in params]
     got = _on_threads(3, lambda: _fused_product(x.float(), floats, 7, (14, 14, 14)))
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
@@ -246,12 +250,12 @@ def test_streamed_weight_stores_write_the_same_weight(monkeypatch, d, cin):
     # Weights larger than the last-level cache are written with non-temporal stores (csrc put_row): the
     # same values, bit for bit, as the plain stores, in float32 and float64, on uneven thread ranges.
     params = _params(5, cin, d, seed=9)
-    monkeypatch.setattr(separable, "MIN_PER_THREAD", 16)
+    monkeypatch.setattr(native, "MIN_PER_THREAD", 16)
     for dtype in (torch.float32, torch.float64):
         typed = [p.detach().to(dtype) for p in params]
         plain = _on_threads(3, lambda t=typed: _weight(t, 7, native=True))
         with monkeypatch.context() as patch:
-            patch.setattr(separable, "last_level_cache_bytes", lambda: 0)  # every weight "too large"
+            patch.setattr(generate, "last_level_cache_bytes", lambda: 0)  # every weight "too large"
             streamed = _on_threads(3, lambda t=typed: _weight(t, 7, native=True))
         assert torch.equal(streamed, plain)
 
@@ -260,9 +264,9 @@ def test_largest_cache_is_read_from_sysfs(tmp_path):
     for index, size in (("index0", "48K"), ("index2", "1024K"), ("index3", "32768K"), ("index9", "?")):
         (tmp_path / index).mkdir()
         (tmp_path / index / "size").write_text(size + "\n")
-    assert separable.largest_cache_bytes(tmp_path) == 32 << 20
-    assert separable.largest_cache_bytes(tmp_path / "missing") == 0
-    assert separable.last_level_cache_bytes() > 0
+    assert generate.largest_cache_bytes(tmp_path) == 32 << 20
+    assert generate.largest_cache_bytes(tmp_path / "missing") == 0
+    assert generate.last_level_cache_bytes() > 0
 
 
 def test_fused_gradient_pays_on_the_deepest_levels():
@@ -271,7 +275,7 @@ def test_fused_gradient_pays_on_the_deepest_levels():
     # 4^3: 4 + 2 (3 + 2 + 1) = 16 per axis, 4096 per sample: up to batch 42;
     # 8^3: 8 + 2 (7 + 6 + 5) = 44 per axis, 85184 per sample: two, not three; 16^3: 100^3, never;
     # 2^3 with its reach 3: (1 + 2 + 1)^3 = 64 <= 512 * 27; 2D 8^2: 44^2 = 1936 for one image, not two.
-    pays = separable.fused_gradient_pays
+    pays = gradient.fused_gradient_pays
     assert pays(42, (4, 4, 4), 7) and not pays(43, (4, 4, 4), 7)
     assert pays(2, (8, 8, 8), 7) and not pays(3, (8, 8, 8), 7)
     assert not pays(1, (16, 16, 16), 7)
@@ -280,11 +284,12 @@ def test_fused_gradient_pays_on_the_deepest_levels():
 
 
 def _conv(x, params, k, bias, impl, fused: bool):
-    sigma, angles, amplitudes = _split(params)
+    """The direct convolution with the C-generated weight, its parameters' gradient fused or via dL/dW."""
+    contiguous = impl == "direct_contiguous"
     if fused:
-        return separable.gabor_conv(x, sigma, angles, *amplitudes, k, bias, impl)
-    weight = separable.gabor_weight(sigma, angles, *amplitudes, k, weight_channels_last(x, impl))
-    return same_conv(x, weight, bias, impl)
+        return fused_gradient_conv(x, tuple(params), k, bias, contiguous)
+    weight = native_weight(tuple(params), k, weight_channels_last(x, contiguous))
+    return direct_conv(x, weight, bias, contiguous)
 
 
 @needs_native
@@ -292,7 +297,8 @@ def _conv(x, params, k, bias, impl, fused: bool):
 @pytest.mark.parametrize("impl", ["direct", "direct_contiguous"])
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_gabor_conv_equals_the_convolution_with_the_generated_weight(d, spatial, k, impl, channels_last):
-    # gabor_conv forms the parameters' gradient from x and the output gradient (csrc gabor_conv_backward)
+    # fused_gradient_conv forms the parameters' gradient from x and the output gradient (csrc
+    # gabor_conv_backward)
     # instead of from dL/dW: values and gradients (x, bias, every parameter) equal the convolution with the
     # generated weight; batch 2, full and partial blocks (cin 19), offsets reaching past non-cubic volumes.
     params = _params(3, 19, d, seed=10)
@@ -309,10 +315,12 @@ def test_gabor_conv_equals_the_convolution_with_the_generated_weight(d, spatial,
 def test_gabor_conv_gradcheck_float32_threads_and_bad_input(monkeypatch):
     params = _params(2, 17, 3, seed=11)
     x = torch.randn(1, 17, 3, 2, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, *p: _conv(x, p, 3, None, "direct", fused=True), [x, *params])
+    assert torch.autograd.gradcheck(
+        lambda x, *p: _conv(x, p, 3, None, "direct", fused=True), [x, *params], fast_mode=True
+    )
     x = torch.randn(2, 17, 4, 4, 4, dtype=torch.float64)
     want = torch.autograd.grad(_conv(x, params, 7, None, "direct", fused=False).square().sum(), params)
-    monkeypatch.setattr(separable, "MIN_PER_THREAD", 8)  # 2 x 2 blocks over 3 threads: uneven ranges
+    monkeypatch.setattr(native, "MIN_PER_THREAD", 8)  # 2 x 2 blocks over 3 threads: uneven ranges
     floats = [p.detach().float().requires_grad_() for p in params]
     loss = lambda: _conv(x.float(), floats, 7, None, "direct", fused=True).square().sum()  # noqa: E731
     got = _on_threads(3, lambda: torch.autograd.grad(loss(), floats))
@@ -320,5 +328,3 @@ def test_gabor_conv_gradcheck_float32_threads_and_bad_input(monkeypatch):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
     with pytest.raises(ValueError, match="do not match parameters"):
         _conv(x, floats, 7, None, "direct", fused=True)  # float64 x, float32 parameters
-    with pytest.raises(ValueError, match="impl must be direct or direct_contiguous"):
-        _conv(x, params, 7, None, "fft", fused=True)

@@ -1,9 +1,10 @@
-"""The paper's network (DESIGN 4): parameter counts of Wong & Moradi and the input contract."""
+"""The paper's network (docs/design.md §4): parameter counts of Wong & Moradi and the input contract."""
 
 import pytest
 import torch
 
-from medexp.nn.conv import KernelFactory
+from medexp.nn.heads import NeRDcHead, NeRDmHead
+from medexp.nn.kernels import ConventionalKernels, MixedKernels
 from medexp.nn.wong import WongNet
 
 
@@ -14,7 +15,7 @@ def count(model: torch.nn.Module) -> int:
 @pytest.mark.parametrize(("conv_size", "expected"), [(3, 4_989_812), (5, 22_842_668)])
 def test_conventional_parameter_counts_match_paper(conv_size, expected):
     # Paper: 4.99M (3^3) and 22.84M (5^3), 1 input channel, 19 labels + background.
-    model = WongNet(in_channels=1, num_classes=20, kernel=KernelFactory("conventional", conv_size=conv_size))
+    model = WongNet(in_channels=1, num_classes=20, kernel=ConventionalKernels(conv_size=conv_size))
     assert count(model) == expected
 
 
@@ -31,7 +32,7 @@ def test_bad_spatial_size_names_shape():
 
 
 def test_mixed_kernel_factory_levels():
-    factory = KernelFactory("mixed")
+    factory = MixedKernels()
     assert [factory.kind_at(level) for level in range(5)] == ["conventional"] * 2 + ["gabor"] * 3
 
 
@@ -62,3 +63,17 @@ def test_plain_head_per_level_equals_head_on_concatenated_features(spatial_dims,
     torch.testing.assert_close(fast, reference, rtol=1e-10, atol=1e-10)
     for got, want in zip(fast_grads, reference_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("head_cls", [NeRDcHead, NeRDmHead])
+def test_nerd_heads_read_the_decoder_levels_and_equal_the_concatenated_features(head_cls, monkeypatch):
+    # WongNet hands NeRD heads the decoder outputs (forward_levels, which never builds the 180-channel
+    # full-size features); the result must equal the head on the upsampled, concatenated features.
+    torch.manual_seed(0)
+    model = WongNet(1, 3, head=head_cls, channels=(4, 4, 8, 8, 8), convs_per_level=(1,) * 5, dropout=0.0)
+    model = model.double()
+    x = torch.randn(1, 1, 16, 16, 16, dtype=torch.float64)
+    got = model(x)
+    owner = next(c for c in head_cls.__mro__ if "forward_levels" in vars(c))
+    monkeypatch.delattr(owner, "forward_levels")
+    torch.testing.assert_close(got, model(x), rtol=1e-12, atol=1e-12)

@@ -7,10 +7,12 @@ The paper builds it from Keras lambda layers around a 3x3 convolution; here it i
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
-from medexp.nn.conv import conv_nd
+from medexp.nn.kernels import conv_nd
 
 
 class FFTInput(nn.Module):
@@ -59,10 +61,26 @@ class FFTInput(nn.Module):
                 f"FFTInput expects a real input (B, {self.in_channels}, *spatial) with {self.spatial_dims} "
                 f"spatial dims, got shape {tuple(x.shape)} and dtype {x.dtype}"
             )
+        # A float32 island under autocast: torch.fft and torch.complex take no bfloat16 / float16 (complex
+        # tensors of them barely exist), and the stage is one small convolution on 2C channels, so running
+        # it in float32 costs nothing. The output keeps the input's dtype (the image's precision); the
+        # backbone's first convolution then autocasts as usual.
+        device_type = x.device.type
+        autocast_off = (
+            torch.autocast(device_type, enabled=False)
+            if torch.amp.is_autocast_available(device_type)
+            else contextlib.nullcontext()
+        )
+        with autocast_off:
+            image = self._filter(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x)
+        return image.to(x.dtype)
+
+    def _filter(self, x: Tensor) -> Tensor:
         dims = tuple(range(2, x.dim()))
         spectrum = torch.fft.fftn(x, dim=dims, norm="ortho")  # (B, C, *spatial) complex
         stacked = torch.cat([spectrum.real, spectrum.imag], dim=1)  # (B, 2C, *spatial) real
-        filtered = self.conv(stacked)  # (B, 2C, *spatial)
+        weight, bias = self.conv.weight.to(stacked.dtype), self.conv.bias.to(stacked.dtype)
+        filtered = self.conv._conv_forward(stacked, weight, bias)  # (B, 2C, *spatial)
         real, imag = filtered.chunk(2, dim=1)  # each (B, C, *spatial)
         image = torch.fft.ifftn(torch.complex(real, imag), dim=dims, norm="ortho")  # (B, C, *spatial) complex
         return image.real  # (B, C, *spatial)

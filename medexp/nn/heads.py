@@ -7,12 +7,14 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from medexp.nn.conv import conv_nd
+from medexp.nn import chunks
+from medexp.nn.kernels import conv_nd
 
 
 class PlainHead(nn.Module):
@@ -31,7 +33,8 @@ class PlainHead(nn.Module):
 # The paper gives the idea (eqs. 4-5 and the pixel-aligned classifier of its Sec. 2.2) but no MLP depth,
 # width or initialisation, and its code is not available to us; the choices below are ours, stated where made.
 
-DEFAULT_HIDDEN = (64, 64)  # our choice: a smooth function of 4 or 6 coordinates needs little capacity
+# Our choice, as conf/head/nerd*.yaml: a smooth function of 4 or 6 coordinates needs little capacity.
+DEFAULT_HIDDEN = (32, 32)
 
 
 def border_distances(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -88,19 +91,101 @@ def _check_features(head: nn.Module, features: Tensor) -> None:
         )
 
 
-class _NeRDHead(nn.Module):
-    """Common part of the NeRD heads: the position MLP f(v) and the input contract."""
+# Our choice: the per-chunk intermediates of a NeRD head stay under this many bytes (forward; the backward
+# holds about twice that while it recomputes a chunk). At 128^3 with C = 180, K = 20, J = 32 that is 4 slabs
+# of 128 x 128 positions for NeRDc and 3 for NeRDm.
+DEFAULT_CHUNK_BYTES = 256 * 2**20
 
-    def __init__(self, in_channels: int, num_classes: int, spatial_dims: int, hidden: Sequence[int]) -> None:
+
+class _NeRDHead(nn.Module):
+    """Common part of the NeRD heads: the position MLP f(v), the input contract, and the evaluation of the
+    scores chunk by chunk over positions.
+
+    A NeRD head's per-position intermediates are large: (B, K, J, P) for NeRDc, several (B, C, P) tensors
+    for NeRDm, against the (B, K, P) scores. When they would exceed `chunk_bytes`, positions are processed
+    in slabs of the first spatial axis and no slab's intermediates are kept for backward: the backward
+    recomputes one slab at a time (medexp.nn.chunks). The same computation, equal to float rounding (the
+    parameters' gradients are summed slab by slab).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        spatial_dims: int,
+        hidden: Sequence[int],
+        chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+    ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if chunk_bytes is not None and chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be a positive number of bytes or None, got {chunk_bytes}")
         self.in_channels, self.num_classes, self.spatial_dims = in_channels, num_classes, spatial_dims
         self.hidden = tuple(int(h) for h in hidden)
+        self.chunk_bytes = chunk_bytes
 
     def positions(self, features: Tensor) -> Tensor:
         """(P, 2 * spatial_dims) border distances of the feature map's positions."""
         return border_distances(tuple(features.shape[2:]), features.device, features.dtype)
+
+    def values_per_position(self) -> int:
+        """Intermediate values one position of one image costs (for the chunk size)."""
+        raise NotImplementedError
+
+    def slab_scores(self, features: Tensor, positions: Tensor) -> Tensor:
+        """Scores (B, K, n, *rest) of a slab of features (B, C, n, *rest) whose positions (in row-major
+        order) have the border distances `positions` (n * prod(rest), 2 * spatial_dims)."""
+        raise NotImplementedError
+
+    def _slabs(self, batch: int, spatial: Sequence[int], element_size: int) -> list[tuple[int, int]]:
+        row = batch * math.prod(spatial[1:]) * self.values_per_position() * element_size
+        return chunks.slab_ranges(spatial[0], row, self.chunk_bytes)
+
+    def _scores_of(self, positions: Tensor, spatial: Sequence[int]):
+        plane = math.prod(spatial[1:])  # positions per row of the first spatial axis (row-major order)
+        return lambda features, a, b: self.slab_scores(features, positions[a * plane : b * plane])
+
+    def forward(self, features: Tensor) -> Tensor:
+        """(B, C, *spatial) features -> (B, K, *spatial) scores (logits)."""
+        _check_features(self, features)
+        positions = self.positions(features)  # (P, 2 * spatial_dims)
+        spatial = features.shape[2:]
+        slabs = self._slabs(features.shape[0], spatial, features.element_size())
+        if len(slabs) == 1:
+            return self.slab_scores(features, positions)
+        params = [p for p in self.parameters() if p.requires_grad]
+        scores_of = self._scores_of(positions, spatial)
+        return chunks.slab_scores(scores_of, chunks.Rows(), [features], slabs, params)
+
+    def forward_levels(self, levels: Sequence[Tensor], size: Sequence[int]) -> Tensor:
+        """The scores of deep-supervision features without building them: equal to
+        self(torch.cat([upsample(level, size) for level in levels], dim=1)), (bi/tri)linear upsampling with
+        align_corners=False as medexp.nn.wong.WongNet builds its features. Each chunk of positions upsamples
+        the rows of each level it reads (medexp.nn.chunks.Upsampled), so neither the full-size features
+        (C x P) nor their gradient are ever held; exact for power-of-two factors, else the features are
+        built and passed to forward.
+
+        Args:
+            levels: (B, C_l, *spatial_l) tensors, sum of C_l = in_channels.
+            size: the full spatial size.
+        """
+        size = tuple(int(s) for s in size)
+        if not chunks.Upsampled.exact(levels, size):
+            return self(chunks.Upsampled(levels, size).features(list(levels), 0, size[0]))
+        first = levels[0]
+        channels = sum(lv.shape[1] for lv in levels)
+        if channels != self.in_channels or len(size) != self.spatial_dims:
+            raise ValueError(
+                f"{type(self).__name__}.forward_levels expects levels (B, C_l, *spatial) with "
+                f"{self.spatial_dims} spatial dims and C_l summing to {self.in_channels}, got shapes "
+                f"{[tuple(lv.shape) for lv in levels]} and size {size}"
+            )
+        positions = border_distances(size, first.device, first.dtype)  # (P, 2 * spatial_dims)
+        slabs = self._slabs(first.shape[0], size, first.element_size())
+        params = [p for p in self.parameters() if p.requires_grad]
+        source = chunks.Upsampled(levels, size)
+        return chunks.slab_scores(self._scores_of(positions, size), source, list(levels), slabs, params)
 
 
 class NeRDmHead(_NeRDHead):
@@ -118,6 +203,7 @@ class NeRDmHead(_NeRDHead):
         num_classes: K.
         spatial_dims: 2 or 3.
         hidden: widths of the MLP's hidden layers.
+        chunk_bytes: largest size of the per-chunk intermediates (`_NeRDHead`); None: never chunk.
     """
 
     def __init__(
@@ -126,8 +212,9 @@ class NeRDmHead(_NeRDHead):
         num_classes: int,
         spatial_dims: int = 3,
         hidden: Sequence[int] = DEFAULT_HIDDEN,
+        chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
     ) -> None:
-        super().__init__(in_channels, num_classes, spatial_dims, hidden)
+        super().__init__(in_channels, num_classes, spatial_dims, hidden, chunk_bytes)
         self.mlp = _mlp(2 * spatial_dims, self.hidden, 2 * in_channels)
         self.classifier = conv_nd(spatial_dims)(in_channels, num_classes, kernel_size=1, bias=False)
         last = self.mlp[-1]
@@ -135,11 +222,13 @@ class NeRDmHead(_NeRDHead):
         with torch.no_grad():
             last.bias.copy_(torch.cat([torch.ones(in_channels), torch.zeros(in_channels)]))
 
-    def forward(self, features: Tensor) -> Tensor:
-        """(B, C, *spatial) features -> (B, K, *spatial) scores (logits)."""
-        _check_features(self, features)
+    def values_per_position(self) -> int:
+        # MLP activations, (P, 2C) stats and their (2C, P) copy, the normalised features and their sum
+        return sum(self.hidden) + 6 * self.in_channels + self.num_classes
+
+    def slab_scores(self, features: Tensor, positions: Tensor) -> Tensor:
         spatial = features.shape[2:]
-        stats = self.mlp(self.positions(features))  # (P, 2C)
+        stats = self.mlp(positions)  # (P, 2C)
         # (P, 2C) -> (2C, P) -> (2C, *spatial): broadcasts over the batch
         stats = stats.transpose(0, 1).reshape(2 * self.in_channels, *spatial)
         inv_sigma, neg_mu_over_sigma = stats.chunk(2, dim=0)  # each (C, *spatial)
@@ -154,7 +243,8 @@ class NeRDcHead(_NeRDHead):
     Computation: with h_v the last hidden activation of f (J values) and the last layer W_v = A h_v + b
     (A: (K, C, J), b: (K, C)), s_v = sum_j h_v[j] (A[:, :, j] x_v) + b x_v. The first term is a 1x1 conv to
     K*J channels weighted by h_v, so the largest intermediate is (B, K, J, P) instead of the (P, K, C) stack
-    of per-position matrices W_v; all terms are evaluated with einsum.
+    of per-position matrices W_v; all terms are evaluated with einsum. Positions go in chunks (`_NeRDHead`),
+    so at 128^3 (K = 20, J = 32: 5.4 GB in float32) the (B, K, J, P) tensor is never built whole.
 
     Initialisation (ours): A = 0 and b = a default nn.Conv 1x1 weight, so the head starts as the plain
     classifier without bias and learns the position dependence from there.
@@ -164,6 +254,7 @@ class NeRDcHead(_NeRDHead):
         num_classes: K.
         spatial_dims: 2 or 3.
         hidden: widths of the MLP's hidden layers (at least one; the last one is J).
+        chunk_bytes: largest size of the per-chunk intermediates (`_NeRDHead`); None: never chunk.
     """
 
     def __init__(
@@ -172,8 +263,9 @@ class NeRDcHead(_NeRDHead):
         num_classes: int,
         spatial_dims: int = 3,
         hidden: Sequence[int] = DEFAULT_HIDDEN,
+        chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
     ) -> None:
-        super().__init__(in_channels, num_classes, spatial_dims, hidden)
+        super().__init__(in_channels, num_classes, spatial_dims, hidden, chunk_bytes)
         if not self.hidden:
             raise ValueError("NeRDcHead needs at least one hidden layer, got hidden=()")
         self.mlp = _mlp(2 * spatial_dims, self.hidden, num_classes * in_channels)
@@ -185,12 +277,14 @@ class NeRDcHead(_NeRDHead):
         with torch.no_grad():
             last.bias.copy_(plain.reshape(-1))  # (K, C, 1, ...) -> (K*C,), row-major like the MLP output
 
-    def forward(self, features: Tensor) -> Tensor:
-        """(B, C, *spatial) features -> (B, K, *spatial) scores (logits)."""
-        _check_features(self, features)
+    def values_per_position(self) -> int:
+        # MLP activations, the (K, J) projections, the features' (C, P) copy, the scores
+        return sum(self.hidden) + self.num_classes * (self.hidden[-1] + 2) + self.in_channels
+
+    def slab_scores(self, features: Tensor, positions: Tensor) -> Tensor:
         b, c, *spatial = features.shape
         k, j = self.num_classes, self.hidden[-1]
-        hidden = self.mlp[:-1](self.positions(features))  # (P, J)
+        hidden = self.mlp[:-1](positions)  # (P, J)
         last = self.mlp[-1]
         a = last.weight.reshape(k, c, j)  # (K*C, J) -> (K, C, J)
         w0 = last.bias.reshape(k, c)  # (K*C,) -> (K, C)

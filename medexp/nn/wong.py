@@ -2,7 +2,7 @@
 
 A 5-level V-Net-like encoder-decoder with residual blocks, GroupNorm(4), spatial dropout and deep
 supervision. Channel widths, block depths and the deep-supervision head are chosen so that the paper's
-five parameter counts come out exactly (DESIGN 4): conventional 3^3 = 4,989,812; Gabor = 1,528,544;
+five parameter counts come out exactly (docs/design.md §4): conventional 3^3 = 4,989,812; Gabor = 1,528,544;
 mixed 3^3 = 1,597,172; conventional 5^3 = 22,842,668; mixed 5^3 = 1,951,148.
 """
 
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medexp.nn.conv import KernelFactory, conv_nd
 from medexp.nn.heads import PlainHead
+from medexp.nn.kernels import ConventionalKernels, KernelFactory, conv_nd
 
 CHANNELS = (12, 24, 48, 96, 192)
 CONVS_PER_LEVEL = (1, 2, 3, 3, 3)
@@ -79,7 +79,8 @@ class WongNet(nn.Module):
         head: builds the final layer from (in_channels, num_classes, spatial_dims); default plain 1x1 conv.
         spatial_dims: 3 (the paper) or 2.
         dropout: spatial dropout probability after every block.
-        input_layer: None, or "fft" for the FFT input stage of Nair et al. in front of the network.
+        input_layer: builds a stage applied to the image first, from (in_channels, spatial_dims), e.g. the
+            FFT input stage of Nair et al. (medexp.nn.fft.FFTInput); None for none.
 
     Input (B, in_channels, *spatial) with every spatial size divisible by 16; output logits
     (B, num_classes, *spatial). Softmax of the logits gives the paper's scores.
@@ -93,16 +94,16 @@ class WongNet(nn.Module):
         head: Callable[..., nn.Module] | None = None,
         spatial_dims: int = 3,
         dropout: float = 0.1,
-        input_layer: str | None = None,
+        input_layer: Callable[..., nn.Module] | None = None,
         channels: Sequence[int] = CHANNELS,
         convs_per_level: Sequence[int] = CONVS_PER_LEVEL,
     ) -> None:
         super().__init__()
-        kernel = kernel or KernelFactory()
+        kernel = kernel or ConventionalKernels()
         head = head or PlainHead
         self.spatial_dims = spatial_dims
         self.levels = len(channels)
-        self.input_layer = _make_input_layer(input_layer, in_channels, spatial_dims)
+        self.input_layer = make_input_layer(input_layer, in_channels, spatial_dims)
         block = dict(kernel=kernel, spatial_dims=spatial_dims, dropout=dropout)
         encoder_in = [in_channels, *channels[:-1]]
         self.encoder = nn.ModuleList(
@@ -130,8 +131,7 @@ class WongNet(nn.Module):
             raise ValueError(
                 f"WongNet needs spatial sizes divisible by {factor}, got input shape {tuple(x.shape)}"
             )
-        if self.input_layer is not None:
-            x = self.input_layer(x)
+        x = self.input_layer(x)
         skips = []
         for i, block in enumerate(self.encoder):
             x = block(x if i == 0 else self.pool(x))
@@ -144,6 +144,8 @@ class WongNet(nn.Module):
         full_size = skips[0].shape[2:]
         if type(self.head) is PlainHead:
             return self._plain_head_per_level(decoded, full_size)
+        if hasattr(self.head, "forward_levels"):  # NeRD heads: the full-size features are never built
+            return self.head.forward_levels(decoded, full_size)
         # Deep supervision: every decoder output at full size, concatenated -> (B, 96+48+24+12, *spatial)
         # with the paper's widths.
         features = torch.cat([self._upsample(d, full_size) for d in decoded], 1)
@@ -168,11 +170,12 @@ class WongNet(nn.Module):
         return logits  # (B, K, *spatial)
 
 
-def _make_input_layer(kind: str | None, in_channels: int, spatial_dims: int) -> nn.Module | None:
-    if kind in (None, "none"):
-        return None
-    if kind == "fft":
-        from medexp.nn.fft import FFTInput
-
-        return FFTInput(in_channels=in_channels, spatial_dims=spatial_dims)
-    raise ValueError(f"model.input_layer must be null or 'fft', got {kind!r}")
+def make_input_layer(
+    factory: Callable[..., nn.Module] | None, in_channels: int, spatial_dims: int
+) -> nn.Module:
+    """The input stage from its factory (the `input_layer` config group), or nn.Identity for none."""
+    if factory is None:
+        return nn.Identity()
+    if not callable(factory):
+        raise ValueError(f"input_layer must build a module from (in_channels, spatial_dims), got {factory!r}")
+    return factory(in_channels=in_channels, spatial_dims=spatial_dims)

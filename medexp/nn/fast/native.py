@@ -1,14 +1,15 @@
-"""Build and load medexp's C kernels (medexp/nn/csrc) with the system C compiler, cached per machine.
+"""Build, load and call medexp's C kernels (medexp/nn/fast/csrc) with the system C compiler.
 
 The C sources are plain C (no Python or PyTorch headers), so a build takes about a second: the first use
 compiles them with `$CC` (default `cc`) into ~/.cache/medexp/native/<key>/ (or $MEDEXP_CACHE_DIR/native),
 where the key hashes the sources, the flags, the compiler and the CPU model, so a cluster whose nodes share
 a home directory keeps one build per CPU type. Builds are written under a temporary name and renamed, so
-concurrent ranks never load a half-written library. Functions are called through ctypes, which releases the
-GIL during the call, so Python threads can run them in parallel on disjoint chunks.
+concurrent ranks never load a half-written library.
 
-Without a working compiler (or with MEDEXP_NATIVE=0) `library()` returns None after one warning and
-callers use their PyTorch fallback: results are the same, only slower.
+Functions are called through ctypes, which releases the GIL during the call, so `run_chunked` runs one
+range of the work per torch thread in parallel. Without a working compiler (or with MEDEXP_NATIVE=0)
+`library()` returns None after one warning, `available()` is False and the callers use PyTorch operations:
+the same results, only slower.
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
+
+import torch
+from torch import Tensor
 
 SOURCES = Path(__file__).resolve().parent / "csrc"
 # -fopenmp-simd honours the `#pragma omp simd` loops without linking an OpenMP runtime (torch has its own).
@@ -35,6 +40,9 @@ FLAG_SETS = (  # (compiler flags, libraries: after the source, for linkers that 
     (["-O3", "-march=native", "-fopenmp-simd", *SHARED], ["-lm"]),
     (["-O3", "-fopenmp-simd", *SHARED], ["-lm"]),
 )
+SUFFIX = {torch.float32: "f32", torch.float64: "f64"}  # the C functions' name suffix per dtype
+BLOCK = 16  # BW of csrc/separable.c: channel pairs per block (one AVX-512 register of floats)
+MIN_PER_THREAD = 2048  # pairs; with fewer per thread one call on this thread (a wake-up costs more)
 
 
 def _cpu_model() -> str:
@@ -95,3 +103,64 @@ def library(name: str = "separable") -> ctypes.CDLL | None:
     except OSError as err:  # unwritable cache directory, a library the loader rejects
         warnings.warn(f"medexp: could not build or load csrc/{name}.c ({err}); using PyTorch", stacklevel=2)
         return None
+
+
+def available(t: Tensor) -> bool:
+    """Whether the C kernels run for tensors like t: on CPU, in float32 or float64, outside torch.compile
+    (Dynamo cannot trace ctypes calls), and where the library built. Never on CUDA."""
+    return (
+        t.device.type == "cpu"
+        and t.dtype in SUFFIX
+        and not torch.compiler.is_compiling()
+        and library() is not None
+    )
+
+
+def function(name: str, dtype: torch.dtype):
+    """The C function `name` for `dtype`, e.g. gabor_expand_f32."""
+    return getattr(library(), f"{name}_{SUFFIX[dtype]}")
+
+
+def pointer(t: Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def longs(*values: int) -> list[ctypes.c_long]:
+    """C longs (ctypes passes bare Python ints as int)."""
+    return [ctypes.c_long(v) for v in values]
+
+
+def c_sizes(sizes: tuple[int, ...]):
+    """A C array of longs, e.g. the FFT size per axis."""
+    return (ctypes.c_long * len(sizes))(*sizes)
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _forget_pool() -> None:
+    global _POOL
+    _POOL = None  # a forked child has the pool object but not its threads
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def run_chunked(fn, units: int, per_unit: int, *args) -> None:
+    """fn(*args, u0, u1) over units [0, units) (pairs, or blocks of `per_unit` pairs), one range per torch
+    thread (ctypes drops the GIL); fn returns nonzero when it could not allocate its work arrays."""
+    global _POOL
+    threads = max(1, min(torch.get_num_threads(), units * per_unit // MIN_PER_THREAD))
+    bounds = [units * i // threads for i in range(threads + 1)]
+    ranges = zip(bounds, bounds[1:], strict=False)
+    calls = [(*args, ctypes.c_long(u0), ctypes.c_long(u1)) for u0, u1 in ranges]
+    if threads == 1:
+        failed = fn(*calls[0])
+    else:
+        if _POOL is None or _POOL._max_workers < threads:
+            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="medexp-native")
+        futures = [_POOL.submit(fn, *call) for call in calls[1:]]
+        failed = fn(*calls[0])  # the first range on this thread, meanwhile
+        failed |= any([future.result() for future in futures])
+    if failed:
+        raise MemoryError(f"medexp: {fn.__name__} could not allocate its work arrays")

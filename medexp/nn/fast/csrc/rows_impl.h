@@ -1,6 +1,6 @@
 /* Eq. 2's parameters -> the rows q, e that separable_impl.h expands, and the gradient back, for one floating
  * type (see separable.c). Written by hand for the same reason as separable_impl.h; the PyTorch reference is
- * medexp.nn.separable.rows_torch.
+ * medexp.nn.fast.generate.rows_torch.
  *
  * Per channel pair, with sigma > 0, the direction u of x' and the complex amplitudes of both terms:
  *   3D: u = (sin ty, -cos ty sin tz, cos ty cos tz) along (D, H, W);   2D: u = (sin theta, cos theta) along (H, W)

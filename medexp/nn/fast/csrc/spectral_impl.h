@@ -1,7 +1,7 @@
 /* The FFT channel product of a Gabor layer with its kernel spectrum built where it is used, forward and
  * backward, for one floating type (see separable.c; uses spectrum_impl.h and separable_impl.h).
  *
- * Written by hand because no library has it. medexp.nn.fftconv's channel product is, per frequency f and
+ * Written by hand because no library has it. medexp.nn.fast.product's channel product is, per frequency f and
  * tile n (tiles of every batch item),
  *
  *     Y[f, n, o] = sum_i X[f, n, i] K[f, i, o]            (complex; K the spectrum of spectrum_impl.h).

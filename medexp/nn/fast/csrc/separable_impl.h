@@ -1,7 +1,7 @@
 /* Separable generation of Gabor kernels and its gradient, for one floating type (see separable.c).
  *
- * Written by hand because no library has it. medexp.nn.gabor writes every kernel of Wong & Moradi's eq. 2
- * as the real part of two rank-1 complex tensors per channel pair (o, i) (terms t = cosine, sine):
+ * Written by hand because no library has it. Every kernel of Wong & Moradi's eq. 2 (medexp.nn.gabor) is
+ * the real part of two rank-1 complex tensors per channel pair (o, i) (terms t = cosine, sine):
  *
  *     W[o, i, a, b, c] = sum_t Re(c_t phi_0[a, t] phi_1[b, t] phi_2[c, t]),
  *     phi_j[a, t] = exp(-s r_a^2) e^{i w_jt r_a}
@@ -9,8 +9,8 @@
  * r_a = a - k // 2 the tap offset, s = 1 / (2 sigma^2), w_jt = 2 pi u_j f_t (u the direction of x'), c_t the
  * term's complex amplitude (all per pair). These functions build the factors from the 1 + 2 d + 4 numbers of
  * a pair, multiply them out into its k^d taps and, backwards, reduce the taps' gradient onto those numbers:
- * one pass over the taps each way. medexp/nn/separable.py holds the same computation in PyTorch operations
- * (reference and fallback) and runs these functions on several threads, each on a range of blocks.
+ * one pass over the taps each way. medexp/nn/fast/generate.py holds the same computation in PyTorch
+ * operations (fallback) and runs these functions on several threads, each on a range of blocks.
  *
  * Pairs are processed in blocks of BW pairs with the same o and consecutive i, every step vectorised across
  * the block (loops over the lane l < BW), which is also the order of the taps in memory:
@@ -280,7 +280,7 @@ static void BLOCK_BACKWARD(FN(work) * w, const REAL *src, long stride, int d, in
         REAL s0r[BW] = {0}, s0i[BW] = {0}, s1r[BW] = {0}, s1i[BW] = {0};
         for (int m = 0; m < plane; m++) {
             const REAL *g = src + (a * plane + m) * stride;
-            __builtin_prefetch(g + PREFETCH * stride, 0); /* taps a cache line apart: measured 10% */
+            __builtin_prefetch(g + PREFETCH * stride, 0); /* taps are a cache line apart */
             const REAL *yr0 = w->yr + PL(0, m), *yi0 = w->yi + PL(0, m);
             const REAL *yr1 = w->yr + PL(1, m), *yi1 = w->yi + PL(1, m);
             REAL *gr0 = w->gr + PL(0, m), *gi0 = w->gi + PL(0, m), *gr1 = w->gr + PL(1, m), *gi1 = w->gi + PL(1, m);

@@ -1,7 +1,7 @@
 /* The kernel spectrum of Gabor convolutions straight from the separable factors, and its gradient, for one
  * floating type (see separable.c; uses the block machinery of separable_impl.h).
  *
- * Written by hand because no library has it. medexp.nn.fftconv convolves through the FFT with the kernel
+ * Written by hand because no library has it. medexp.nn.fast.fftconv convolves through the FFT with the kernel
  * spectrum K = conj(rfftn(W zero-padded to P_0 x .. x P_(d-1))), taps at positions 0..k-1; computed from the
  * k^d taps it costs a pruned DFT over all cout cin kernels, forward and backward. The Gabor kernel of a pair
  * is W[a, b, c] = sum_t Re(Z_t[a] Y_t[b] X_t[c]) (the factors of separable_impl.h, X_t including c_t), so
@@ -17,8 +17,8 @@
  * for the P_0 P_1 (P_2 / 2 + 1) frequencies of rfftn: ~20 multiply-adds per entry instead of a pruned DFT.
  *
  * Layout: out (2, F, cin, cout), real parts then imaginary parts, F row-major over (f0, f1, f2) - what
- * fftconv's per-frequency GEMMs read. A block is BW pairs with the same input channel i and consecutive output
- * channels o (adjacent in out); block = i ceil(cout / BW) + o / BW.
+ * the per-frequency GEMMs of medexp/nn/fast/product.py read. A block is BW pairs with the same input
+ * channel i and consecutive output channels o (adjacent in out); block = i ceil(cout / BW) + o / BW.
  *
  * Backward, for g = dL/dRe K + i dL/dIm K (L = Re sum_f conj(g) K):
  *     L = 1/2 Re sum_t sum_f [ conj(g) U_t T_2,t(f2) + g V_t T_2,t(-f2) ],
@@ -152,7 +152,7 @@ static int SPEC_PREPARE(const REAL *q, const REAL *e, long pairs, long cin, long
 /* Forward: the spectrum entries of blocks b0 <= block < b1 into out (2, F, cin, cout); 0, or 1 when out of
  * memory. sizes: the FFT size per axis. Blocks go in groups of GROUP, frequency by frequency within a group,
  * so that the group's stores at one frequency are adjacent in out (one block at a time, every store would
- * open a new cache line and page: measured 1.4-1.6x slower). */
+ * open a new cache line and page). */
 int FN(gabor_spectrum)(const REAL *q, const REAL *e, REAL *out, long pairs, long cin, long cout, int d, int k,
                        const long *sizes, long b0, long b1) {
     const long P0 = sizes[0], P1 = d == 3 ? sizes[1] : 1, H = sizes[d - 1] / 2 + 1;
