@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: help install chromium train test lint format ui clean
+.PHONY: help install chromium train test test-fast lint format ui clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -38,9 +38,13 @@ chromium: ## Debian's chromium for the browser test (Playwright drives it; no br
 test: $(STAMP) chromium ## run the test suite (what CI runs); installs Debian's chromium for the browser test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff lint and format check
+test-fast: $(STAMP) ## the unit tests only (no `medexp` subprocess runs, nothing slow): run before each change
+	$(PY) -m pytest -q -m "not slow and not e2e" $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff lint and format check, and the import layering (scripts/check_layers.py)
 	$(VENV)/bin/ruff check medexp tests scripts
 	$(VENV)/bin/ruff format --check medexp tests scripts
+	$(PY) scripts/check_layers.py
 
 format: $(STAMP) ## apply ruff formatting and safe fixes
 	$(VENV)/bin/ruff check --fix medexp tests scripts

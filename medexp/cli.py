@@ -1,8 +1,9 @@
-"""The `medexp` command: a typer app. Wiring only; the work lives in train.py, report.py, ...
+"""The `medexp` command: a typer app. Wiring only; the work lives in medexp.run (train), medexp.report and
+medexp.commands (params, evaluate, predict, data check, ui).
 
 `medexp train ...` hands its arguments verbatim to a @hydra.main function (sys.argv is rewritten from
 the typer context and restored afterwards), so -m, --cfg job, --info, --help, launchers and sweepers all
-behave as in any Hydra app. Overrides are checked first (medexp.overrides) so that user errors end with
+behave as in any Hydra app. Overrides are checked first (medexp.config.compose) so that user errors end with
 one line and exit code 2, before any model is built or MLflow run is created.
 """
 
@@ -13,14 +14,11 @@ import sys
 
 import typer
 
-from medexp.config import CONF_DIR, ConfigError
-from medexp.data.base import DataError
+from medexp.errors import USER_ERRORS
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Experiment runner for medical image segmentation."
 )
-
-USER_ERRORS = (ConfigError, DataError)
 
 
 @app.callback()
@@ -42,15 +40,17 @@ def train(ctx: typer.Context) -> None:
     """Train (Hydra overrides; -m for a multirun; --help for Hydra's help)."""
     import hydra
 
-    from medexp import overrides
-    from medexp.job import hydra_job
-    from medexp.tracking import SweepParentRun
+    from medexp.config.compose import check
+    from medexp.config.registry import CONF_DIR
 
     args = list(ctx.args)
     try:
-        jobs = overrides.check(args)
+        jobs = check(args)  # before torch, MONAI and MLflow are imported: a user error is quick
     except USER_ERRORS as err:
         fail("train", err)
+    from medexp.run.job import hydra_job
+    from medexp.tracking.sweep import SweepParentRun
+
     os.environ["MEDEXP_SWEEP_SIZE"] = str(jobs)  # for "job i/N" in every job's progress line
     main = hydra.main(config_path=str(CONF_DIR), config_name="train", version_base=None)(hydra_job)
     saved = sys.argv
@@ -71,7 +71,7 @@ def train(ctx: typer.Context) -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    from medexp import runtime
+    from medexp.run import runtime
 
     runtime.configure()  # before anything imports torch
     app()
@@ -89,28 +89,12 @@ def params(
     ),
 ) -> None:
     """Parameter table of the composed model (overrides as for train); last line `parameters: N`."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from medexp import build, config, model_summary, overrides
+    from medexp.commands.params import print_params
 
     try:
-        cfg = overrides.compose_config(list(ctx.args))
-        config.validate(cfg)
-        dims = cfg.dataset.get("spatial_dims", 3)
-        if from_dataset:
-            info = build.build_dataset(cfg).info
-            num_classes, in_channels, dims = info.num_classes, info.in_channels, info.spatial_dims
-        model = build.build_model(cfg, in_channels, num_classes, dims)
+        print_params(list(ctx.args), num_classes, in_channels, from_dataset)
     except USER_ERRORS as err:
         fail("params", err)
-    table = Table(title=f"{cfg.model._target_.rsplit('.', 1)[-1]}: kernel={cfg.kernel.kind}, {dims}D")
-    for column in ("block", "kernel", "parameters"):
-        table.add_column(column, justify="right" if column == "parameters" else "left")
-    for name, kind, n in model_summary.block_table(model):
-        table.add_row(name, kind, f"{n:,}")
-    Console().print(table)
-    print(f"parameters: {model_summary.count(model)}")
 
 
 @app.command()
@@ -129,19 +113,21 @@ def report(
     log: bool = typer.Option(True, "--log/--no-log", help="Log the files to the sweep's parent run."),
 ) -> None:
     """Fig. 3 (test Dice vs learning rate) and Table 1 (per-label Dice at one lr) from the MLflow runs."""
-    from medexp import report as reporting
-    from medexp import tracking
+    from medexp.report.make import make_report
+    from medexp.tracking.liveness import mark_dead_runs
+    from medexp.tracking.store import resolve_uri
 
+    mark_dead_runs(resolve_uri(tracking_uri))  # runs whose process died are KILLED, not live (§9)
     try:
-        result = reporting.make_report(
-            tracking.resolve_uri(tracking_uri),
+        result = make_report(
+            resolve_uri(tracking_uri),
             experiment=experiment,
             sweep=sweep,
             lr=lr,
             out_dir=output,
             log=log,
         )
-    except reporting.ReportError as err:
+    except USER_ERRORS as err:
         fail("report", err)
     print(result.summary())
 
@@ -155,10 +141,10 @@ def ui(
     tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store (default: as medexp train)."),
 ) -> None:
     """MLflow UI over the project's store; Ctrl-C stops the server and every process it started."""
-    from medexp import tracking
-    from medexp import ui as mlflow_ui
+    from medexp.commands.ui import serve
+    from medexp.tracking.store import resolve_uri
 
-    raise typer.Exit(mlflow_ui.serve(tracking.resolve_uri(tracking_uri), host=host, port=port))
+    raise typer.Exit(serve(resolve_uri(tracking_uri), host=host, port=port))
 
 
 @app.command()
@@ -173,7 +159,7 @@ def evaluate(
     from rich.console import Console
     from rich.table import Table
 
-    from medexp.reevaluate import evaluate_run
+    from medexp.commands.evaluate import evaluate_run
 
     try:
         metrics = evaluate_run(run_id, split, tracking_uri)
@@ -194,7 +180,7 @@ app.add_typer(data_app, name="data")
 @data_app.command("check", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def data_check(ctx: typer.Context) -> None:
     """Read every case of the dataset (overrides as for train); one table; exit 1 if any case is unusable."""
-    from medexp.data.check import run_check
+    from medexp.commands.data_check import run_check
 
     try:
         code = run_check(list(ctx.args))
@@ -205,9 +191,13 @@ def data_check(ctx: typer.Context) -> None:
 
 @app.command()
 def predict(
-    run_id: str = typer.Argument(..., help="MLflow run id of a medexp training run."),
-    inputs: list[str] = typer.Option(..., "--input", "-i", help="NIfTI file or folder (repeatable)."),
-    output: str = typer.Option(..., "--output", "-o", help="Folder for the label maps (same file names)."),
+    model: str = typer.Argument(
+        ..., help="runs:/RUN_ID/model, models:/NAME/VERSION, a run id, or a run's folder or checkpoint."
+    ),
+    inputs: list[str] = typer.Option(
+        ..., "--input", "-i", help="Image file or folder (repeatable); per-channel files are grouped by case."
+    ),
+    output: str = typer.Option(..., "--output", "-o", help="Folder for the label maps (<case><ending>)."),
     probabilities: bool = typer.Option(
         False, "--probabilities", help="Also write <name>_probabilities.nii.gz."
     ),
@@ -215,11 +205,11 @@ def predict(
         None, help="MLflow store (default: $MLFLOW_TRACKING_URI or the project's)."
     ),
 ) -> None:
-    """Segment NIfTI volumes with a run's best checkpoint; outputs have the inputs' shape and affine."""
-    from medexp.predict import predict as run_predict
+    """Segment images with a trained model; label maps in the dataset's values, on the inputs' grids."""
+    from medexp.commands.predict import predict as run_predict
 
     try:
-        written = run_predict(run_id, inputs, output, probabilities, tracking_uri)
+        written = run_predict(model, inputs, output, probabilities, tracking_uri)
     except USER_ERRORS as err:
         fail("predict", err)
     print(f"wrote {len(written)} label map(s) to {output}")

@@ -1,5 +1,5 @@
-"""Segmentation losses (DESIGN 7): PCC (Wong & Moradi eq. 4), MONAI's Dice family behind medexp's target
-contract, and the weighted cross-entropies and exponential logarithmic loss that MONAI lacks.
+"""Segmentation losses (docs/design.md §7): PCC (Wong & Moradi eq. 4), MONAI's Dice family behind medexp's
+target contract, and the weighted cross-entropies and exponential logarithmic loss that MONAI lacks.
 
 Input contract of every loss here: `loss(input, target)` with input the logits (B, C, *spatial), 2D or 3D,
 and target a (B, 1, *spatial) label map (float or integer) or a (B, C, *spatial) float one-hot. A target
@@ -168,61 +168,44 @@ class DiceCELoss(_LabelMapTarget, monai.losses.DiceCELoss):
     """lambda_dice * soft Dice (eq. 5) + lambda_ce * categorical cross-entropy (MONAI's DiceCELoss)."""
 
     def __init__(
-        self,
-        softmax: bool = True,
-        include_background: bool = True,
-        lambda_dice: float = 1.0,
-        lambda_ce: float = 1.0,
-        **kwargs,
+        self, softmax=True, include_background=True, lambda_dice=1.0, lambda_ce=1.0, **kwargs
     ) -> None:
-        super().__init__(
-            softmax=softmax,
-            include_background=include_background,
-            to_onehot_y=True,
-            lambda_dice=lambda_dice,
-            lambda_ce=lambda_ce,
-            **kwargs,
-        )
+        kwargs.update(lambda_dice=lambda_dice, lambda_ce=lambda_ce)
+        super().__init__(softmax=softmax, include_background=include_background, to_onehot_y=True, **kwargs)
 
 
 class FocalLoss(_LabelMapTarget, monai.losses.FocalLoss):
-    """Softmax focal loss (Lin et al.; course notes): -(1 - p_t)^gamma ln p_t (MONAI's FocalLoss).
+    """Softmax focal loss (Lin et al.; course notes): mean over voxels of -(1 - p_t)^gamma ln p_t, p_t the
+    probability of the true class (MONAI's FocalLoss computes the per-channel terms).
 
-    MONAI's "mean" reduction averages over batch, channels and voxels, so the value is the per-voxel focal
-    loss divided by the number of channels C.
+    Reduction: MONAI's "mean" averages over batch, channels and voxels; only the true class's channel is
+    non-zero, so its value is the focal loss of Lin et al. divided by the number of channels C (1/20 for
+    the paper's 19 labels + background), which scales the gradients, i.e. the effective learning rate, by
+    1/C and makes a learning-rate sweep incomparable with cross-entropy. We follow the source instead:
+    reduction="voxel_mean" (default) sums over channels and averages over batch and voxels, so with
+    gamma = 0 the loss is exactly the categorical cross-entropy. reduction="mean" or "sum" give MONAI's.
     """
 
     def __init__(
-        self, softmax: bool = True, include_background: bool = True, gamma: float = 2.0, **kwargs
+        self, softmax=True, include_background=True, gamma=2.0, reduction="voxel_mean", **kwargs
     ) -> None:
+        self.voxel_mean = reduction == "voxel_mean"
+        kwargs.update(gamma=gamma, reduction="none" if self.voxel_mean else reduction)
         super().__init__(
-            use_softmax=softmax,
-            include_background=include_background,
-            to_onehot_y=True,
-            gamma=gamma,
-            **kwargs,
+            use_softmax=softmax, include_background=include_background, to_onehot_y=True, **kwargs
         )
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        loss = super().forward(input, target)  # (B, C, *spatial) with reduction "none"
+        return loss.sum(dim=1).mean() if self.voxel_mean else loss
 
 
 class TverskyLoss(_LabelMapTarget, monai.losses.TverskyLoss):
     """Tversky loss (Salehi et al.; course notes): E_l[1 - TP / (TP + alpha FP + beta FN)] (MONAI)."""
 
-    def __init__(
-        self,
-        softmax: bool = True,
-        include_background: bool = True,
-        alpha: float = 0.3,
-        beta: float = 0.7,
-        **kwargs,
-    ) -> None:
-        super().__init__(
-            softmax=softmax,
-            include_background=include_background,
-            to_onehot_y=True,
-            alpha=alpha,
-            beta=beta,
-            **kwargs,
-        )
+    def __init__(self, softmax=True, include_background=True, alpha=0.3, beta=0.7, **kwargs) -> None:
+        kwargs.update(alpha=alpha, beta=beta)
+        super().__init__(softmax=softmax, include_background=include_background, to_onehot_y=True, **kwargs)
 
 
 # --- Written here: MONAI has no class-weighted-by-frequency, boundary-weighted or exp-log loss ------------
@@ -255,25 +238,42 @@ class WeightedCrossEntropyLoss(nn.Module):
         return (self.weight.to(nll)[labels] * nll).mean()
 
 
-def unet_weight_map(labels: np.ndarray, class_weights: np.ndarray, w0: float = 10.0, sigma: float = 5.0):
+BORDERS = ("all", "background")
+
+
+def unet_weight_map(
+    labels: np.ndarray,
+    class_weights: np.ndarray,
+    w0: float = 10.0,
+    sigma: float = 5.0,
+    border: str = "all",
+):
     """U-Net weight map (Ronneberger et al. 2015, eq. 2; course notes, weighted loss functions):
 
         w(x) = w_c(x) + w0 exp(-(d1(x) + d2(x))^2 / (2 sigma^2)).
 
     Objects are the connected components (full connectivity) of every foreground label, so two touching
     structures of different labels are two objects. d1, d2 are the Euclidean distances in voxels from x to
-    the nearest and second nearest object. As in the U-Net, the border term is added on background voxels
-    only (inside an object d1 = 0 and the term would just mark the object); with fewer than two objects it
-    is 0. Objects farther than 4 sigma are skipped (their term would be below w0 exp(-8)).
+    the border of the nearest and of the second nearest object; the distance to an object's border is the
+    distance to the nearest voxel on its other side (to the object from outside it, to the outside from
+    inside it). With fewer than two objects the term is 0. Objects farther than 4 sigma are skipped (their
+    term would be below w0 exp(-8)).
+
+    border: "all" (default) adds the term at every voxel, as the course notes define c_p for every pixel p
+    (and U-Net eq. 2 writes it for every x); "background" adds it on background voxels only, as common
+    U-Net re-implementations do (the separation borders between touching cells are background).
 
     Args:
         labels: (*spatial) integer label map of one image.
         class_weights: (K,) w_c per class.
         w0, sigma: the border term's amplitude and width in voxels (U-Net: 10 and 5).
+        border: one of BORDERS.
 
     Returns:
         (*spatial) float32 weight map.
     """
+    if border not in BORDERS:
+        raise ValueError(f"border must be one of {', '.join(BORDERS)}, got {border!r}")
     weights = class_weights[labels].astype(np.float32)
     d1 = np.full(labels.shape, np.inf)
     d2 = np.full(labels.shape, np.inf)
@@ -286,18 +286,24 @@ def unet_weight_map(labels: np.ndarray, class_weights: np.ndarray, w0: float = 1
                 slice(max(s.start - margin, 0), min(s.stop + margin, n))
                 for s, n in zip(box, labels.shape, strict=True)
             )
-            distance = ndimage.distance_transform_edt(components[crop] != index)  # to object `index`
+            inside = components[crop] == index
+            distance = ndimage.distance_transform_edt(~inside)  # outside: to the object `index`
+            if border == "all":  # inside: to the nearest voxel outside it (none in the crop: infinitely far)
+                own = ndimage.distance_transform_edt(inside) if not inside.all() else np.inf
+                distance = np.where(inside, own, distance)
             near1, near2 = d1[crop], d2[crop]
             d2[crop] = np.where(distance < near1, near1, np.minimum(near2, distance))
             d1[crop] = np.minimum(near1, distance)
-    border = w0 * np.exp(-((d1 + d2) ** 2) / (2.0 * sigma**2))  # exp(-inf) = 0 where d2 = inf
-    return weights + np.where(labels == 0, border, 0.0).astype(np.float32)
+    border_term = w0 * np.exp(-((d1 + d2) ** 2) / (2.0 * sigma**2))  # exp(-inf) = 0 where d2 = inf
+    term = border_term if border == "all" else np.where(labels == 0, border_term, 0.0)
+    return weights + term.astype(np.float32)
 
 
 class BoundaryWeightedCrossEntropyLoss(nn.Module):
     """Boundary-weighted cross-entropy (course notes; U-Net): mean_i w(i) (-ln p_{y_i}(i)).
 
-    w is the U-Net weight map `unet_weight_map` of the target.
+    w is the U-Net weight map `unet_weight_map` of the target; by default its border term is added at every
+    voxel, as the course notes define it (border="background" for the background-only variant).
 
     The map is computed per batch from the target label map on the CPU (scipy distance transforms).
 
@@ -307,6 +313,7 @@ class BoundaryWeightedCrossEntropyLoss(nn.Module):
         w0: border term amplitude (U-Net: 10).
         sigma: border term width in voxels (U-Net: 5 pixels).
         balance_classes: use class_frequencies for w_c.
+        border: "all" or "background": where the border term is added (`unet_weight_map`).
     """
 
     def __init__(
@@ -315,8 +322,12 @@ class BoundaryWeightedCrossEntropyLoss(nn.Module):
         w0: float = 10.0,
         sigma: float = 5.0,
         balance_classes: bool = True,
+        border: str = "all",
     ) -> None:
         super().__init__()
+        if border not in BORDERS:
+            raise ValueError(f"border must be one of {', '.join(BORDERS)}, got {border!r}")
+        self.border = border
         self.balance = class_frequencies is not None and balance_classes
         self.class_weights = inverse_frequency_weights(class_frequencies).numpy() if self.balance else None
         self.w0, self.sigma = w0, sigma
@@ -327,7 +338,10 @@ class BoundaryWeightedCrossEntropyLoss(nn.Module):
         class_weights = self.class_weights if self.balance else np.ones(num_classes, np.float32)
         if class_weights.size != num_classes:
             raise ValueError(f"{class_weights.size} class weights for input shape {tuple(input.shape)}")
-        maps = [unet_weight_map(lab, class_weights, self.w0, self.sigma) for lab in labels.cpu().numpy()]
+        maps = [
+            unet_weight_map(lab, class_weights, self.w0, self.sigma, self.border)
+            for lab in labels.cpu().numpy()
+        ]
         weight = torch.from_numpy(np.stack(maps)).to(input)  # (B, *spatial)
         return (weight * F.cross_entropy(input, labels, reduction="none")).mean()
 

@@ -9,12 +9,18 @@ from pathlib import Path
 
 import pytest
 
+# As the medexp CLI does (medexp/run/runtime.py), before torch loads: OpenMP threads that spin while waiting
+# lose their time slice to each other when other processes share the cores, which made in-process training
+# steps several times slower on a loaded 2-core machine.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 TINY = [
     "dataset.shape=[16,16,16]",
     "dataset.num_cases=8",
     "trainer.max_epochs=2",
     "trainer.progress=false",
     "tracking.log_plots=false",  # the plots cost seconds per run; test_train_e2e checks them once
+    "tracking.log_model=false",  # the MLflow model costs a second per run; test_predict/test_nnunet check it
 ]
 
 

@@ -1,4 +1,4 @@
-"""Every choice in conf/{kernel,loss,head,model} builds through the config tree and trains (DESIGN 10)."""
+"""Every choice in conf/{kernel,loss,head,model} builds from the tree and trains (docs/design.md §10)."""
 
 import itertools
 from pathlib import Path
@@ -8,10 +8,10 @@ import torch
 from conftest import TINY, run_medexp, store_uri
 from mlflow.tracking import MlflowClient
 
-from medexp import build
-from medexp.config import group_choices
-from medexp.nn.fftconv import IMPLS
-from medexp.overrides import compose_config
+from medexp.config import build
+from medexp.config.compose import compose_config
+from medexp.config.registry import group_choices
+from medexp.nn.fast import IMPLS
 
 KERNELS, HEADS, MODELS = group_choices("kernel"), group_choices("head"), group_choices("model")
 SMALL_UNET = "model.channels=[4,8,16]"
@@ -29,10 +29,10 @@ def test_config_tree_has_the_designed_choices():
 
 @pytest.mark.parametrize(
     ("kernel", "head", "model", "input_layer"),
-    list(itertools.product(KERNELS, HEADS, MODELS, ["null", "fft"])),
+    list(itertools.product(KERNELS, HEADS, MODELS, group_choices("input_layer"))),
 )
 def test_every_kernel_head_model_combination_runs_forward_and_backward(kernel, head, model, input_layer):
-    overrides = [f"kernel={kernel}", f"head={head}", f"model={model}", f"model.input_layer={input_layer}"]
+    overrides = [f"kernel={kernel}", f"head={head}", f"model={model}", f"input_layer={input_layer}"]
     overrides.append(SMALL_UNET if model == "unet" else SMALL_WONG)
     cfg = compose_config(overrides)
     for dims, size in ((3, 16), (2, 16)):
@@ -53,6 +53,7 @@ def _children(cwd: Path, experiment: str):
     return [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
 
 
+@pytest.mark.e2e
 def test_every_kernel_and_head_trains_one_epoch_on_demo_data(workdir: Path):
     args = ["train", "-m", f"kernel={','.join(KERNELS)}", f"head={','.join(HEADS)}", *TINY, SMALL_WONG]
     result = run_medexp(
@@ -73,6 +74,7 @@ def test_every_kernel_and_head_trains_one_epoch_on_demo_data(workdir: Path):
         assert set(counts) <= set(IMPLS) - {"auto"} and sum(map(int, counts.values())) == convs, impls
 
 
+@pytest.mark.e2e
 def test_every_loss_trains_one_epoch_on_demo_data(workdir: Path):
     losses = group_choices("loss")
     args = [
@@ -93,6 +95,7 @@ def test_every_loss_trains_one_epoch_on_demo_data(workdir: Path):
         assert torch.isfinite(torch.tensor(r.data.metrics["train/loss"])), r.data.tags["loss"]
 
 
+@pytest.mark.e2e
 def test_2d_unet_trains_on_demo2d(workdir: Path):
     args = [
         "train",

@@ -1,4 +1,4 @@
-"""Demo data and splits (DESIGN 8)."""
+"""Demo data and splits (docs/design.md §8)."""
 
 import json
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from medexp.data.base import DataError
 from medexp.data.demo import DemoDataset, make_case
 from medexp.data.splits import load_or_make_splits, make_splits, part_sizes, select
+from medexp.errors import DataError
 
 
 def test_demo_case_is_deterministic_and_has_very_different_label_sizes():

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
-from test_nifti import _truncate, make_folder, save
+from test_nifti import AFFINE, _truncate, make_folder, save
 
-from medexp.config import ConfigError
-from medexp.data.base import DataError
-from medexp.data.check import run_check
+from medexp.commands.data_check import run_check
+from medexp.errors import ConfigError, DataError
 
 
 def spoil_everything(data: Path) -> list[str]:
@@ -82,3 +82,70 @@ def test_cli_exit_codes(tmp_path, monkeypatch):
     assert result.exit_code == 2
     expected = "medexp data check: error: dataset.root=/no/such/folder: folder not found"
     assert result.output.strip().splitlines()[-1] == expected
+
+
+def _respace(affine: np.ndarray, factors) -> np.ndarray:
+    out = affine.copy()
+    out[:3, :3] = affine[:3, :3] * np.asarray(factors)  # column k scaled: voxel size along axis k
+    return out
+
+
+SHIFTED = AFFINE.copy()
+SHIFTED[:3, 3] += [30.0, 0.0, 0.0]  # 30 mm along x
+FLIPPED = AFFINE.copy()
+FLIPPED[:3, 0] *= -1  # first voxel axis reversed
+GEOMETRY = {
+    "shifted 30 mm": (
+        SHIFTED,
+        None,
+        "labels/case2.nii.gz: origin (60, -20, 5) mm is 30 mm from image images/case2_flair.nii.gz's "
+        "(30, -20, 5) mm",
+    ),
+    "flipped": (
+        FLIPPED,
+        None,
+        "labels/case2.nii.gz: orientation PLS differs from image images/case2_flair.nii.gz ALS",
+    ),
+    "other spacing": (
+        _respace(AFFINE, [1, 1, 2]),
+        None,
+        "labels/case2.nii.gz: spacing 0.9x1.1x6 mm differs from image",
+    ),
+    "resampled": (
+        _respace(AFFINE, [2, 2, 2]),
+        (11, 9, 4),
+        "labels/case2.nii.gz: shape 11x9x4 differs from image",
+    ),
+}
+
+
+@pytest.mark.parametrize("spoil", list(GEOMETRY))
+def test_label_off_its_image_grid_fails_naming_the_file(tmp_path, capsys, monkeypatch, spoil):
+    """A label map shifted, flipped or resampled against its image: the label file is named."""
+    monkeypatch.setenv("COLUMNS", "400")  # one table line per problem
+    data = make_folder(tmp_path / "data", 5)
+    affine, shape, expected = GEOMETRY[spoil]
+    label = nib.load(data / "labels" / "case2.nii.gz")
+    array = np.asarray(label.dataobj)
+    if shape is not None:
+        array = array[::2, ::2, ::2][: shape[0], : shape[1], : shape[2]]
+    save(data / "labels" / "case2.nii.gz", array, np.uint8, affine)
+    assert run_check(_overrides(data, tmp_path)) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert " ".join(expected.split()) in out, out
+    assert "1 problem(s) in 1 of 5 row(s)" in out
+
+
+def test_channel_files_of_a_case_must_share_the_grid(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    data = make_folder(tmp_path / "data", 5)
+    flair = nib.load(data / "images" / "case4_flair.nii.gz")
+    save(data / "images" / "case4_flair.nii.gz", np.asarray(flair.dataobj), np.float32, SHIFTED)
+    assert run_check(_overrides(data, tmp_path)) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    # every file of a case is compared with its first image (FLAIR before T1: sorted suffixes)
+    expected = (
+        "images/case4_t1.nii.gz: origin (30, -20, 5) mm is 30 mm from "
+        "images/case4_flair.nii.gz's (60, -20, 5) mm"
+    )
+    assert expected in out and "2 problem(s) in 1 of 5 row(s)" in out, out

@@ -1,4 +1,5 @@
-"""Losses (DESIGN 7): hand-computed values, MONAI equivalence, the input contract, every conf/loss choice."""
+"""Losses (docs/design.md §7): hand-computed values, MONAI equivalence, the input contract, every conf/loss
+choice."""
 
 from __future__ import annotations
 
@@ -90,12 +91,25 @@ def test_dice_ce_hand_computed():
 
 def test_focal_hand_computed():
     # Voxel 1: p = [0.75, 0.25], true 0; voxel 2: p = [0.25, 0.75], true 1. Focal (gamma 2) per voxel:
-    # -(1 - 0.75)^2 ln 0.75 = 0.0625 * 0.287682 = 0.0179801. MONAI averages over the 2 channels too
-    # (the other channel contributes 0): (2 * 0.0179801) / (2 voxels * 2 channels) = 0.0089900.
+    # -(1 - 0.75)^2 ln 0.75 = 0.0625 * 0.287682 = 0.0179801; the voxel mean (Lin et al.) is 0.0179801.
+    # MONAI's "mean" also divides by the 2 channels: 0.0089900.
     logits = logits_for([[0.75, 0.25], [0.25, 0.75]])
     loss = FocalLoss(gamma=2.0)(logits, labels([0, 1]))
-    assert loss.item() == pytest.approx(0.0625 * -math.log(0.75) / 2, abs=1e-7)
-    assert loss.item() == pytest.approx(0.0089900, abs=1e-7)
+    assert loss.item() == pytest.approx(0.0625 * -math.log(0.75), abs=1e-7)
+    assert loss.item() == pytest.approx(0.0179801, abs=1e-7)
+    monai_mean = FocalLoss(gamma=2.0, reduction="mean")(logits, labels([0, 1]))
+    assert monai_mean.item() == pytest.approx(0.0089900, abs=1e-7)
+
+
+def test_focal_with_gamma_0_is_cross_entropy_for_any_number_of_classes():
+    # 20 classes as in the paper: the voxel mean does not shrink with C (MONAI's mean would be CE / 20).
+    torch.manual_seed(2)
+    logits, target = torch.randn(2, 20, 3, 4, 5), torch.randint(0, 20, (2, 1, 3, 4, 5))
+    ce = torch.nn.functional.cross_entropy(logits, target[:, 0]).item()
+    assert FocalLoss(gamma=0.0)(logits, target.float()).item() == pytest.approx(ce, rel=1e-6)
+    assert FocalLoss(gamma=0.0, reduction="mean")(logits, target.float()).item() == pytest.approx(
+        ce / 20, rel=1e-6
+    )
 
 
 def test_tversky_hand_computed():
@@ -114,7 +128,10 @@ def test_tversky_hand_computed():
     [
         (DiceLoss(), monai.losses.DiceLoss(softmax=True, to_onehot_y=True)),
         (DiceCELoss(), monai.losses.DiceCELoss(softmax=True, to_onehot_y=True)),
-        (FocalLoss(gamma=1.5), monai.losses.FocalLoss(use_softmax=True, to_onehot_y=True, gamma=1.5)),
+        (
+            FocalLoss(gamma=1.5, reduction="mean"),
+            monai.losses.FocalLoss(use_softmax=True, to_onehot_y=True, gamma=1.5),
+        ),
         (
             TverskyLoss(alpha=0.4, beta=0.6),
             monai.losses.TverskyLoss(softmax=True, to_onehot_y=True, alpha=0.4, beta=0.6),
@@ -157,31 +174,44 @@ def test_weighted_ce_hand_computed():
 
 
 def test_unet_weight_map_hand_computed():
-    # Row [1, 0, 0, 1]: two objects (not touching). Background x=1: d1 = 1, d2 = 2; x=2: d1 = 1, d2 = 2.
-    # Border term 10 exp(-(1 + 2)^2 / (2 * 5^2)) = 10 exp(-0.18) = 8.352702; w_c = 1.
-    border = 10 * math.exp(-9 / 50)
+    # Row [1, 0, 0, 1]: two objects (not touching), w_c = 1. Gap x=1: d1 = 1 (to A), d2 = 2 (to B); x=2 the
+    # same: term 10 exp(-(1 + 2)^2 / (2 * 5^2)) = 10 exp(-0.18) = 8.352702. Course notes: every pixel,
+    # so also x=0 inside A: d1 = 1 (to the nearest pixel outside A), d2 = 3 (to B): 10 exp(-16/50) = 7.261490.
+    gap, edge = 10 * math.exp(-9 / 50), 10 * math.exp(-16 / 50)
+    assert (gap, edge) == pytest.approx((8.352702, 7.261490), abs=1e-6)
     for row in ([1, 0, 0, 1], [1, 0, 0, 2]):  # two labels count as two objects as well
         w = unet_weight_map(np.array([row]), np.ones(3, np.float32))
-        assert w[0].tolist() == pytest.approx([1.0, 1 + border, 1 + border, 1.0], abs=1e-5)
-        assert border == pytest.approx(8.352702, abs=1e-6)
+        assert w[0].tolist() == pytest.approx([1 + edge, 1 + gap, 1 + gap, 1 + edge], abs=1e-5)
+        background = unet_weight_map(np.array([row]), np.ones(3, np.float32), border="background")
+        assert background[0].tolist() == pytest.approx([1.0, 1 + gap, 1 + gap, 1.0], abs=1e-5)
     # A single object: no second distance, no border term.
     assert unet_weight_map(np.array([[1, 0, 0, 0]]), np.ones(2)).tolist() == [[1.0] * 4]
-    # 3D, [1, 0, 0, 0, 1] along the last axis: d1 + d2 = 1 + 3 = 2 + 2 = 3 + 1 = 4 at the gap voxels,
-    # term 10 exp(-16 / 50) = 7.261490; class weights [0.5, 2] add to every voxel of their class.
-    w = unet_weight_map(np.array([1, 0, 0, 0, 1]).reshape(1, 1, 5), np.array([0.5, 2.0]))
-    gap = 0.5 + 10 * math.exp(-16 / 50)
-    assert w.ravel().tolist() == pytest.approx([2.0, gap, gap, gap, 2.0], abs=1e-5)
+    # 3D, [1, 1, 0, 0, 1] along the last axis: gap voxels d1 + d2 = 1 + 2 = 2 + 1 = 3; inside A at x=0:
+    # 2 (to x=2) + 4 (to B) = 6, at x=1: 1 + 3 = 4; inside B at x=4: 1 + 3 = 4 (to x=1, A's last voxel).
+    # Class weights [0.5, 2] add to every voxel of their class.
+    w = unet_weight_map(np.array([1, 1, 0, 0, 1]).reshape(1, 1, 5), np.array([0.5, 2.0]))
+    term = [10 * math.exp(-(d**2) / 50) for d in (6, 4, 3, 3, 4)]
+    base = [2.0, 2.0, 0.5, 0.5, 2.0]
+    assert w.ravel().tolist() == pytest.approx([b + t for b, t in zip(base, term, strict=True)], abs=1e-5)
+    with pytest.raises(ValueError, match="border"):
+        unet_weight_map(np.array([[1, 0]]), np.ones(2), border="inside")
 
 
 def test_boundary_weighted_ce_hand_computed():
-    # Zero logits: loss = mean(w) ln 2 = (1 + 9.352702 + 9.352702 + 1) / 4 * ln 2 = 5.176351 * 0.693147.
+    # Zero logits: loss = mean(w) ln 2, w = [1 + 7.261490, 1 + 8.352702, 1 + 8.352702, 1 + 7.261490]
+    # (every pixel, see above): (4 + 31.228384) / 4 * 0.693147 = 6.104614.
+    gap, edge = 10 * math.exp(-9 / 50), 10 * math.exp(-16 / 50)
     loss = BoundaryWeightedCrossEntropyLoss()(torch.zeros(1, 2, 1, 4), labels([1, 0, 0, 1]))
-    border = 10 * math.exp(-9 / 50)
-    assert loss.item() == pytest.approx((4 + 2 * border) / 4 * LN2, abs=1e-5)
-    assert loss.item() == pytest.approx(3.587971, abs=1e-5)
+    assert loss.item() == pytest.approx((4 + 2 * gap + 2 * edge) / 4 * LN2, abs=1e-5)
+    assert loss.item() == pytest.approx(6.104614, abs=1e-5)
+    # Background only: (1 + 9.352702 + 9.352702 + 1) / 4 * ln 2 = 3.587971.
+    background = BoundaryWeightedCrossEntropyLoss(border="background")
+    assert background(torch.zeros(1, 2, 1, 4), labels([1, 0, 0, 1])).item() == pytest.approx(
+        3.587971, abs=1e-5
+    )
     # With frequencies, w_c are the inverse-frequency weights [2/3, 2] (labels: 1, 0, 0, 1).
     balanced = BoundaryWeightedCrossEntropyLoss([0.75, 0.25])(torch.zeros(1, 2, 1, 4), labels([1, 0, 0, 1]))
-    assert balanced.item() == pytest.approx((2 * 2 + 2 * (2 / 3 + border)) / 4 * LN2, abs=1e-5)
+    assert balanced.item() == pytest.approx((2 * (2 + edge) + 2 * (2 / 3 + gap)) / 4 * LN2, abs=1e-5)
 
 
 def test_explog_hand_computed():

@@ -13,10 +13,10 @@ import pytest
 from conftest import run_medexp, store_uri
 from mlflow.tracking import MlflowClient
 
-from medexp.data.base import DataError
 from medexp.data.loaders import expand_slices, make_loader
 from medexp.data.nifti import NiftiDataset
 from medexp.data.splits import load_or_make_splits, select
+from medexp.errors import DataError
 
 # A realistic header: axes permuted and flipped (not RAS), anisotropic 0.9 x 1.1 x 3 mm voxels, an offset.
 AFFINE = np.array([[0, -1.1, 0, 30.0], [0.9, 0, 0, -20.0], [0, 0, 3.0, 5.0], [0, 0, 0, 1]])
@@ -273,13 +273,40 @@ def _runs(cwd: Path):
     return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
 
 
-def test_train_3d_and_2d_from_nifti_through_the_cli(tmp_path):
+@pytest.mark.e2e
+def test_msd_4d_check_train_3d_and_2d_and_predict_imagesTs(tmp_path, capsys):
+    """An MSD task (one 4D file of 2 modalities per case): data check ok, 2-epoch 3D and 1-epoch 2D runs,
+    `medexp predict` on imagesTs: one label map per case with the input's shape and affine."""
     data = make_folder(tmp_path / "data", 5, "msd")
-    common = [f"dataset.root={data}", "trainer.max_epochs=1", "trainer.progress=false", "eval.metrics=[dice]"]
-    result = run_medexp(["train", "dataset=msd", "dataset.shape=[16,16,16]", *common], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    for i in (5, 6):  # imagesTs: 4D files like imagesTr's, no labels
+        image, _ = phantom((18 + i, 17, 9), i)
+        save(data / "imagesTs" / f"case{i}.nii.gz", np.stack([image, image * 0.5], axis=-1), np.int16)
+    from medexp.commands.data_check import run_check
+
+    assert run_check(["dataset=msd", f"dataset.root={data}", f"dataset.cache_dir={tmp_path}/check"]) == 0
+    assert "all 5 case(s) usable" in capsys.readouterr().out
+    common = [
+        f"dataset.root={data}",
+        "trainer.progress=false",
+        "eval.metrics=[dice]",
+        "tracking.log_plots=false",
+    ]
     result = run_medexp(
-        ["train", "dataset=msd", "dataset.spatial_dims=2", "dataset.shape=[16,16]", *common], cwd=tmp_path
+        ["train", "dataset=msd", "dataset.shape=[16,16,16]", "trainer.max_epochs=2", *common], cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning" not in result.stderr.lower(), result.stderr
+    (run3d,) = _runs(tmp_path)
+    result = run_medexp(
+        [
+            "train",
+            "dataset=msd",
+            "dataset.spatial_dims=2",
+            "dataset.shape=[16,16]",
+            "trainer.max_epochs=1",
+            *common,
+        ],
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = _runs(tmp_path)
@@ -287,8 +314,19 @@ def test_train_3d_and_2d_from_nifti_through_the_cli(tmp_path):
     assert all({"test/dice/blob", "test/dice/corner"} <= set(r.data.metrics) for r in runs), (
         "dataset.json names"
     )
+    out = tmp_path / "pred"
+    result = run_medexp(
+        ["predict", run3d.info.run_id, "-i", str(data / "imagesTs"), "-o", str(out)], cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["case5.nii.gz", "case6.nii.gz"]
+    for i in (5, 6):
+        labels = nib.load(out / f"case{i}.nii.gz")
+        assert labels.shape == (18 + i, 17, 9) and np.allclose(labels.affine, AFFINE)
+        assert set(np.unique(np.asarray(labels.dataobj))) <= {0, 1, 2}
 
 
+@pytest.mark.e2e
 def test_bad_folder_through_the_cli_fails_before_any_run(tmp_path):
     data = make_folder(tmp_path / "data", 5)
     _truncate(data / "labels" / "case4.nii.gz")

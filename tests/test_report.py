@@ -1,38 +1,47 @@
-"""`medexp report` against a real 16-run sweep: every number of Table 1 re-derived from MLflow here.
+"""`medexp report` and docs/results.md against a real 16-run sweep: every number re-derived from MLflow here.
 
-One multirun (2 kernels x 2 losses x 2 learning rates x 2 splits, 1 epoch on 16^3 demo volumes) feeds
-all report tests; the partial-sweep test works on a copy of its store. The per-run plots of
-medexp.plots are tested on tiny inputs at the end.
+One multirun, a tiny version of the CPU study (experiment=study_cpu: 2 kernels x 2 losses x 2 learning
+rates x 2 splits, 1 epoch on 16^3 brain-like volumes with the 19 labels of Table 1a), feeds all report
+tests and the results page of scripts/study_results.py; the partial-sweep test works on a copy of its
+store. The per-run plots of medexp.report.run_plots are tested on tiny inputs at the end.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, run_medexp, store_uri
+from conftest import run_medexp, store_uri
 from mlflow.tracking import MlflowClient
 
 SWEEP = [
     "train",
     "-m",
+    "experiment=study_cpu",
     "kernel=conventional,mixed",
     "loss=pcc,dice",
     "lr=1e-3,1e-2",
     "split=0,1",
-    *TINY,
+    "dataset.shape=[16,16,16]",
+    "dataset.num_cases=8",
     "trainer.max_epochs=1",
     "kernel.gabor_size=3",  # 3^3 instead of 7^3 Gabor kernels: same parameter count, far less CPU
-    "eval.metrics=[dice]",
-    "tracking.log_checkpoint=false",
     "experiment_name=rep",
 ]
-LABELS = ["large1", "large2", "medium3", "small4", "tiny5"]
+LABELS = [  # Wong & Moradi Table 1a, in its order
+    "cerebral_grey", "3rd_ventricle", "4th_ventricle", "brainstem", "cvl_1_5", "cvl_6_7", "cvl_8_10",
+    "accumbens", "amygdala", "caudate", "cerebellar_grey", "cerebellar_white", "cerebral_white",
+    "hippocampus", "inf_lateral_vent", "lateral_ventricle", "pallidum", "putamen", "thalamus",
+]  # fmt: skip
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +61,10 @@ def child_runs(client: MlflowClient, experiment: str = "rep") -> list:
 def expected_cell(runs: list, label: str) -> tuple[float, float]:
     """(mean, sample std) over the FINISHED runs' test Dice of `label` ('average' = test/dice_mean)."""
     key = "test/dice_mean" if label == "average" else f"test/dice/{label}"
-    values = np.array(
+    values = np.array(  # a NaN (the label was absent from every test case of a run) counts as no value
         [r.data.metrics[key] for r in runs if r.info.status == "FINISHED" and key in r.data.metrics]
     )
+    values = values[np.isfinite(values)]
     if len(values) == 0:
         return math.nan, math.nan
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
@@ -100,6 +110,7 @@ def check_table(rows: list[dict], runs: list, lr: float) -> None:
                 )
 
 
+@pytest.mark.e2e
 def test_report_table_matches_mlflow_runs(sweep: Path):
     out = sweep / "report-out"
     result = run_medexp(["report", "--experiment", "rep", "-o", str(out)], cwd=sweep)
@@ -118,26 +129,26 @@ def test_report_table_matches_mlflow_runs(sweep: Path):
     assert (out / "fig3_dice_vs_lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (parent_id,) = {r.data.tags["mlflow.parentRunId"] for r in runs}
     logged = {a.path for a in client.list_artifacts(parent_id, "report")}
-    assert logged == {
-        f"report/{n}" for n in ("fig3_dice_vs_lr.png", "table1_lr0.001.md", "table1_lr0.001.csv", "runs.csv")
-    }
+    names = ("fig3_dice_vs_lr.png", "fig3_dice_vs_lr.md", "fig3_dice_vs_lr.csv", "runs.csv")
+    assert logged == {f"report/{n}" for n in (*names, "table1_lr0.001.md", "table1_lr0.001.csv")}
     assert f"logged to MLflow run {parent_id}" in result.stdout
 
 
+@pytest.mark.e2e
 def test_report_other_lr_and_figure_points(sweep: Path):
-    from medexp import report
+    from medexp.report import aggregate, make, select
 
     uri = store_uri(sweep)
     runs = child_runs(MlflowClient(uri))
-    done = report.make_report(uri, experiment="rep", lr=1e-2, out_dir=sweep / "lr1e-2", log=False)
+    done = make.make_report(uri, experiment="rep", lr=1e-2, out_dir=sweep / "lr1e-2", log=False)
     check_table(read_csv(sweep / "lr1e-2" / "table1_lr0.01.csv"), runs, 1e-2)
-    selection = report.select_runs(uri, "rep")
-    labels = report.label_names(selection.runs)
-    panels = report.figure_data(report.to_records(selection.runs, labels))
+    selection = select.select_runs(uri, "rep")
+    labels = select.label_names(selection.runs)
+    panels = aggregate.figure_data(select.to_records(selection.runs, labels))
     assert done.learning_rates == [1e-3, 1e-2] and set(panels) == {"conventional", "mixed"}
     for kernel, lines in panels.items():
         for loss, points in lines.items():
-            for lr, mean, std, _ in points:
+            for lr, mean, std, _, n in points:
                 cell = [
                     r
                     for r in runs
@@ -145,8 +156,10 @@ def test_report_other_lr_and_figure_points(sweep: Path):
                     == (kernel, loss, lr)
                 ]
                 assert np.allclose((mean, std), expected_cell(cell, "average"), rtol=1e-9)
+                assert n == len(cell) == 2
 
 
+@pytest.mark.e2e
 def test_partial_sweep_shows_missing_cells(sweep: Path, tmp_path: Path):
     """A copy of the store where one cell failed, one split was killed and one run diverged."""
     (tmp_path / "outputs").mkdir()
@@ -178,6 +191,82 @@ def test_partial_sweep_shows_missing_cells(sweep: Path, tmp_path: Path):
     assert "| mixed | dice | " in md and md.count("| – |") >= 1 and "2 (1 diverged)" in md
 
 
+def percent_cells(markdown: str, first: str, columns: list[str]) -> dict[tuple[str, str], list[tuple]]:
+    """{(kernel, loss): [(column, mean, std) in %, ...]} of `columns` in the table whose header row starts
+    with `first`; a cell without ± has std NaN, a missing one ('–') both NaN."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first}"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    out = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = dict(zip(header, [c.strip() for c in line.strip("|").split("|")], strict=True))
+        values = []
+        for name in columns:
+            match = re.fullmatch(r"(-?[\d.]+)(?:±([\d.]+))?", cells[name])
+            mean, std = (float(match[1]), float(match[2] or "nan")) if match else (math.nan, math.nan)
+            values.append((name, mean, std))
+        out[cells["kernel"], cells["loss"]] = values
+    return out
+
+
+@pytest.mark.e2e
+def test_results_page_numbers_are_the_stores(sweep: Path, tmp_path: Path):
+    # scripts/study_results.py on the tiny study: every Fig. 3 and Table 1 cell of the page equals the
+    # mean and std over splits computed here from MLflow (to the page's 0.1 percentage point).
+    client = MlflowClient(store_uri(sweep))
+    runs = child_runs(client)
+    (parent_id,) = {r.data.tags["mlflow.parentRunId"] for r in runs}
+    page = tmp_path / "docs" / "results.md"
+    command = [sys.executable, str(ROOT / "scripts" / "study_results.py"), "--tracking-uri", store_uri(sweep)]
+    done = subprocess.run(
+        [*command, "--experiment", "rep", "--out", str(page)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = page.read_text()
+    assert (
+        tmp_path / "docs" / "results" / "fig3_dice_vs_lr.png"
+    ).exists() and "results/fig3_dice_vs_lr.png" in text
+    assert f"`medexp train -m {' '.join(SWEEP[2:])}`" in text
+    parent = client.get_run(parent_id).info
+    minutes, seconds = divmod(round((parent.end_time - parent.start_time) / 1000), 60)
+    assert f"Wall time: {minutes} min {seconds:02d} s for 16 jobs (16 finished" in text
+    assert text.count("TO BE WRITTEN") == 3, "marked places for the prose"
+
+    def check(mean: float, std: float, cell: list, label: str) -> None:
+        for got, want in zip((mean, std), expected_cell(cell, label), strict=True):
+            assert (math.isnan(got) and math.isnan(want)) or abs(got - 100 * want) <= 0.05 + 1e-9, label
+
+    def runs_of(kernel: str, loss: str, lr: float) -> list:
+        key = (kernel, loss)
+        return [
+            r
+            for r in runs
+            if (r.data.tags["kernel"], r.data.tags["loss"]) == key
+            and math.isclose(float(r.data.params["lr"]), lr)
+        ]
+
+    figure = percent_cells(text, "kernel | loss | 1e-3 | 1e-2 |", ["1e-3", "1e-2"])
+    assert set(figure) == {(k, s) for k in ("conventional", "mixed") for s in ("pcc", "dice")}
+    for (kernel, loss), values in figure.items():
+        for name, mean, std in values:
+            assert not math.isnan(std), "two splits"
+            check(mean, std, runs_of(kernel, loss, float(name)), "average")
+    table = percent_cells(text, "kernel | loss | parameters", [*LABELS, "average"])
+    assert set(table) == set(figure)
+    for (kernel, loss), values in table.items():
+        for label, mean, std in values:
+            check(mean, std, runs_of(kernel, loss, 1e-3), label)
+    # rerunning keeps prose written between the markers
+    page.write_text(text.replace("**TO BE WRITTEN after the run: the spread over splits.**", "Small spread."))
+    assert (
+        subprocess.run([*command, "--experiment", "rep", "--out", str(page)], capture_output=True).returncode
+        == 0
+    )
+    assert "Small spread." in page.read_text() and page.read_text().count("TO BE WRITTEN") == 2
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -185,12 +274,14 @@ def test_partial_sweep_shows_missing_cells(sweep: Path, tmp_path: Path):
         (["--sweep", "0123456789abcdef"], "medexp report: error: unknown sweep '0123456789abcdef'"),
     ],
 )
+@pytest.mark.e2e
 def test_report_user_errors_are_one_line(sweep: Path, args: list[str], message: str):
     result = run_medexp(["report", *args, "-o", "unused"], cwd=sweep)
     assert result.returncode == 2
     assert result.stderr.startswith(message) and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@pytest.mark.e2e
 def test_report_without_runs_is_a_user_error(tmp_path: Path):
     result = run_medexp(["report", "-o", "unused"], cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith(
@@ -199,7 +290,7 @@ def test_report_without_runs_is_a_user_error(tmp_path: Path):
     assert not (tmp_path / "outputs" / "mlflow.db").exists(), "reading must not create a store"
 
 
-# --- per-run plots (medexp.plots) on tiny inputs
+# --- per-run plots (medexp.report.run_plots) on tiny inputs
 
 
 def _is_png_with_content(path: Path) -> bool:
@@ -210,9 +301,9 @@ def _is_png_with_content(path: Path) -> bool:
 
 
 def test_per_run_plots(tmp_path: Path):
-    from medexp import plots
     from medexp.data.demo import DemoDataset
     from medexp.nn.gabor import GaborConv2d, GaborConv3d
+    from medexp.report import run_plots as plots
 
     curves = plots.learning_curves(
         {"train/loss": [(1, 0.5), (2, 0.4)], "val/dice_mean": [(1, 0.2)]}, tmp_path / "c.png"

@@ -9,7 +9,9 @@ import torch
 from conftest import TINY, run_medexp, store_uri
 from mlflow.tracking import MlflowClient
 
-from medexp import checkpoint
+from medexp.run import checkpoint
+
+pytestmark = pytest.mark.e2e  # every test here runs the real `medexp` command
 
 
 def test_single_run_logs_params_metrics_and_artifacts(workdir: Path):

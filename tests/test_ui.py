@@ -21,7 +21,7 @@ import pytest
 from conftest import TINY, run_medexp, store_uri
 from mlflow.tracking import MlflowClient
 
-from medexp import ui
+from medexp.commands import ui
 
 CHROMIUM = Path(os.environ.get("MEDEXP_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_FLAGS = [
@@ -151,6 +151,33 @@ def test_build_command_binds_loopback_by_default():
     assert exposed[exposed.index("--host") + 1] == "0.0.0.0" and "6000" in exposed
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "myhost.example.org"])
+def test_a_host_beyond_loopback_gets_the_no_authentication_warning(host: str):
+    assert "no authentication" in ui.exposure_warning(host)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.1.1", "localhost", "::1"])
+def test_loopback_gets_no_warning(host: str):
+    assert ui.exposure_warning(host) is None
+
+
+@pytest.mark.slow  # opens (creates) a sqlite store
+def test_serve_warns_on_stderr_before_starting_the_server(tmp_path: Path, monkeypatch, capsys):
+    class NotStarted(Exception):
+        pass
+
+    def refuse(command):  # stands in for the mlflow server: only the order of events matters here
+        raise NotStarted(command)
+
+    monkeypatch.setattr(ui, "start", refuse)
+    with pytest.raises(NotStarted):
+        ui.serve(f"sqlite:///{tmp_path / 'mlflow.db'}", host="0.0.0.0", port=free_port(), announce=print)
+    err = capsys.readouterr().err
+    assert err.startswith("medexp ui: warning: --host 0.0.0.0") and "no authentication" in err
+    assert (tmp_path / "mlflow.db").exists(), "the store was opened (runs with a dead process marked) first"
+
+
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ui_binds_127_0_0_1_and_a_signal_stops_everything(store: Path, sig: int):
     port = free_port()
@@ -162,6 +189,7 @@ def test_ui_binds_127_0_0_1_and_a_signal_stops_everything(store: Path, sig: int)
         cleanup(proc)
 
 
+@pytest.mark.e2e
 def test_sigkill_of_medexp_ui_still_stops_the_server(store: Path):
     """medexp cannot clean up after SIGKILL; the server's parent-death signal takes it down instead."""
     proc = start_ui(store, free_port())
@@ -178,6 +206,7 @@ def test_sigkill_of_medexp_ui_still_stops_the_server(store: Path):
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.e2e
 def test_browser_shows_run_params_and_metrics_then_ctrl_c_stops(store: Path, tmp_path: Path):
     if not CHROMIUM.exists():
         pytest.skip(f"chromium is not installed at {CHROMIUM} (Debian: apt-get install chromium)")

@@ -1,4 +1,4 @@
-"""Synthetic multi-label volumes for demos and tests (DESIGN 8), generated deterministically from a seed.
+"""Synthetic multi-label volumes for demos and tests (docs/design.md §8), generated from a seed.
 
 Each case is a noisy image of nested ellipsoids and blobs whose labels have very different sizes, like the
 brain structures of Wong & Moradi Table 1a: two large structures (tens of % of the volume), a medium one
@@ -13,12 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from medexp.data.base import DataError, DatasetInfo
+from medexp.data import cache_io
+from medexp.data.base import DatasetInfo
+from medexp.data.reading import inspect_cases
+from medexp.data.records import CaseReport
+from medexp.errors import DataError
 
 SIZE_NAMES = ("large", "large", "medium", "small", "tiny")
 GENERATOR_VERSION = 3  # part of the cache key: bump when make_case changes
@@ -144,27 +150,63 @@ class DemoDataset:
             for e in entries
         ]
 
+    def preprocess_image(self, image: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The demo volumes are used as generated: an image comes back unchanged, on its own grid."""
+        return image, affine
+
+    def inspect(self) -> tuple[list[CaseReport], str]:
+        """Read and check every generated case (`medexp data check`): (one report per case, the folder)."""
+        return inspect_cases(self.prepare(), self.info.num_classes), str(self.folder)
+
+    def _make_case(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One (image, label) pair; subclasses with another generator override this (and `affine`)."""
+        settings = self.settings
+        return make_case(rng, tuple(settings["shape"]), settings["num_classes"], settings["noise"])
+
+    affine = np.eye(4)  # voxel-to-world of the written volumes: 1 mm voxels
+
     def _generate(self) -> None:
+        """Write the cases and dataset.json (last) into a private temp folder, then rename it into place: a
+        kill leaves no half-made dataset, only a temp folder that a later run removes, and of parallel jobs
+        generating the same data the first complete folder wins."""
+        for stale in self.folder.parent.glob(f".{self.folder.name}.*.tmp"):
+            if cache_io.is_stale(stale):
+                shutil.rmtree(stale, ignore_errors=True)
+        work = cache_io.temp_path(self.folder)
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            self._write_cases(work)
+        except OSError as err:
+            shutil.rmtree(work, ignore_errors=True)
+            raise cache_io.write_failed(self.folder, err) from err
+        for _attempt in range(2):
+            try:
+                os.rename(work, self.folder)
+                return
+            except OSError:
+                if (self.folder / "dataset.json").exists():  # a parallel job finished first
+                    shutil.rmtree(work, ignore_errors=True)
+                    return
+                shutil.rmtree(self.folder, ignore_errors=True)  # half-made by an older medexp: replaced
+        raise DataError(f"{self.folder}: cannot move the generated data into place")
+
+    def _write_cases(self, folder: Path) -> None:
         for sub in ("imagesTr", "labelsTr"):
-            (self.folder / sub).mkdir(parents=True, exist_ok=True)
-        affine = np.eye(4)
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        affine = self.affine
         entries = []
         for i in range(self.settings["num_cases"]):
             rng = np.random.default_rng([self.settings["seed"], i])
-            image, label = make_case(
-                rng, tuple(self.settings["shape"]), self.settings["num_classes"], self.settings["noise"]
-            )
+            image, label = self._make_case(rng)
             name = f"case_{i:03d}.nii.gz"
-            nib.save(nib.Nifti1Image(image, affine), self.folder / "imagesTr" / name)
-            nib.save(nib.Nifti1Image(label, affine), self.folder / "labelsTr" / name)
+            nib.save(nib.Nifti1Image(image, affine), folder / "imagesTr" / name)
+            nib.save(nib.Nifti1Image(label, affine), folder / "labelsTr" / name)
             entries.append({"image": f"imagesTr/{name}", "label": f"labelsTr/{name}"})
         manifest = {
             "name": self.info.name,
             "labels": {str(k): n for k, n in enumerate(self.info.label_names)},
-            "modality": {"0": "synthetic"},
+            "modality": {"0": getattr(self, "modality", "synthetic")},
             "training": entries,
             "settings": self.settings,
         }
-        tmp = self.folder / "dataset.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        tmp.replace(self.folder / "dataset.json")  # written last and atomically: a half-made folder is redone
+        (folder / "dataset.json").write_text(json.dumps(manifest, indent=1))  # last: the folder is complete

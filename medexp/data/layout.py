@@ -3,36 +3,38 @@
 Layouts, tried in this order:
 - a `dataset.json` with a "training" list of {"image", "label"} (Medical Segmentation Decathlon, nnU-Net v1);
   an image may be one 4D file of all modalities (MSD) or per-modality files `<case>_0000.nii.gz`, ...;
-- `imagesTr/` + `labelsTr/` or `images/` + `labels/`: a label `<case>.nii.gz` goes with the image
-  `<case>.nii.gz`, or with several images `<case>_<channel>.nii.gz` (nnU-Net `_0000`, `_0001`, ..., or names
-  such as `_t1`, `_flair` listed in `dataset.modalities`), one input channel each.
-Label names come from `dataset.json` "labels" ({"0": "background", ...} or nnU-Net v2 {"background": 0, ...}).
+- `imagesTr/` + `labelsTr/` (nnU-Net v2, whose dataset.json has no training list) or `images/` +
+  `labels/`: a label `<case><ending>` goes with the image `<case><ending>`, or with several images
+  `<case>_<channel><ending>` (nnU-Net `_0000`, `_0001`, ..., or names such as `_t1`, `_flair` listed in
+  `dataset.modalities`), one input channel each.
+
+nnU-Net v2's dataset.json keys are read as nnU-Net reads them: `channel_names` ({"0": "T1", ...}), `labels`
+({"background": 0, "tumour": 1, "ignore": 2}; see medexp.data.labels for `ignore` and region labels) and
+`file_ending` (".nii.gz", ".nrrd", ".mha", ...: only files with that ending are cases). `dataset.root` may
+also be an nnU-Net dataset id ("4", "004" or "Dataset004_Hippocampus") looked up in `$nnUNet_raw`, as
+nnU-Net's own commands take it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medexp.data.base import DataError
-from medexp.data.check import CaseReport
 from medexp.data.images2d import SUFFIXES_2D
+from medexp.data.labels import class_table, parse_labels  # noqa: F401 - re-exported for the datasets
+from medexp.data.reading import ITK_ENDINGS, NIFTI_ENDINGS, NRRD_ENDINGS
+from medexp.data.records import CaseFiles, CaseReport
+from medexp.errors import DataError
 
-SUFFIXES_3D = (".nii.gz", ".nii")
+SUFFIXES_3D = NIFTI_ENDINGS + NRRD_ENDINGS + ITK_ENDINGS
 IMAGE_DIRS = ("imagesTr", "images")
 LABEL_DIRS = ("labelsTr", "labels")
 CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>[^_]+)$")
-
-
-@dataclass
-class CaseFiles:
-    """The files of one case: one image per channel (or one 4D image) and a label map."""
-
-    id: str
-    images: list[Path]
-    label: Path
+NNUNET_RAW = "nnUNet_raw"
+NNUNET_ID = re.compile(r"^(?:Dataset)?(?P<id>\d{1,3})(?:_[\w.-]+)?$")
 
 
 @dataclass
@@ -44,39 +46,90 @@ class Layout:
         name: dataset.json "name" or the folder name.
         cases: complete cases.
         problems: files that do not make a case (an image without a label, ...), one report each.
-        labels: {value: name} from dataset.json, if it has labels.
         channel_names: modality names (dataset.json "modality"/"channel_names", or the channel suffixes).
         channels_4d: channels one 4D image may hold (the number of MSD modalities), 1 if 4D is not expected.
+        channel_files: the channel suffixes of per-channel cases ("0000", "0001" or "t1", "flair"), in
+            input order; empty when every case is one file.
+        endings: the file endings that count as images and label maps.
+        manifest_labels: dataset.json "labels" as written (parsed by `labels`).
     """
 
     root: Path
     name: str
     cases: list[CaseFiles] = field(default_factory=list)
     problems: list[CaseReport] = field(default_factory=list)
-    labels: dict[int, str] | None = None
     channel_names: list[str] = field(default_factory=list)
     channels_4d: int = 1
+    channel_files: list[str] = field(default_factory=list)
+    endings: tuple[str, ...] = SUFFIXES_3D + SUFFIXES_2D
+    manifest_labels: dict | list | None = None
+
+    @property
+    def labels(self) -> dict[int, str] | None:
+        """{value: name} from dataset.json, or None without labels there.
+
+        Parsed when first needed, i.e. only when `dataset.labels` is not given: a dataset.json with region
+        labels then stops with one line saying which dataset.labels to give (medexp.data.labels).
+        """
+        if not self.manifest_labels:
+            return None
+        return parse_labels(self.manifest_labels, f"{self.root / 'dataset.json'} labels")
 
 
-def strip_suffix(name: str) -> str | None:
-    """File name without its image suffix (".nii.gz", ".png", ...), or None for other files."""
+def strip_suffix(name: str, endings: tuple[str, ...] = SUFFIXES_3D + SUFFIXES_2D) -> str | None:
+    """File name without its image ending (".nii.gz", ".png", ...), or None for other files."""
     low = name.lower()
-    for suffix in SUFFIXES_3D + SUFFIXES_2D:
+    for suffix in endings:
         if low.endswith(suffix) and not name.startswith("."):
             return name[: -len(suffix)]
     return None
 
 
-def _suffix(name: str) -> str:
-    stem = strip_suffix(name)
+def _suffix(name: str, endings: tuple[str, ...] = SUFFIXES_3D + SUFFIXES_2D) -> str:
+    stem = strip_suffix(name, endings)
     return name[len(stem) :] if stem is not None else ""
+
+
+def resolve_root(root: str | None) -> Path:
+    """The data folder named by `dataset.root`: a folder, or an nnU-Net dataset id under $nnUNet_raw.
+
+    Raises:
+        DataError: unset, not found, or an id without (or not found under) nnUNet_raw.
+    """
+    if root is None or str(root).strip() in ("", "???"):
+        raise DataError(
+            "dataset.root is not set: give the folder of your data, e.g. dataset.root=/data/brains"
+        )
+    path = Path(str(root)).expanduser()
+    if path.is_dir():
+        return path
+    match = NNUNET_ID.match(str(root).strip())
+    if not match:
+        raise DataError(f"dataset.root={root}: folder not found")
+    raw = os.environ.get(NNUNET_RAW)
+    if not raw:
+        raise DataError(
+            f"dataset.root={root}: not a folder; as an nnU-Net dataset id it needs {NNUNET_RAW} set to the "
+            "folder that holds the Dataset<ID>_<name> folders"
+        )
+    named = Path(raw).expanduser() / str(root).strip()
+    found = (
+        [named] if named.is_dir() else sorted(Path(raw).expanduser().glob(f"Dataset{int(match['id']):03d}_*"))
+    )
+    found = [p for p in found if p.is_dir()]
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)} ({', '.join(p.name for p in found)})"
+        raise DataError(
+            f"dataset.root={root}: {what} Dataset{int(match['id']):03d}_* folder(s) in {NNUNET_RAW}={raw}"
+        )
+    return found[0]
 
 
 def discover(root: str | None, layout: str = "auto", modalities: list[str] | None = None) -> Layout:
     """The cases of the folder `root`.
 
     Args:
-        root: data folder (read only).
+        root: data folder (read only), or an nnU-Net dataset id (see `resolve_root`).
         layout: "auto" (dataset.json training list if there is one, else folders), "msd" (needs dataset.json)
             or "folders" (ignore a dataset.json training list).
         modalities: channel suffixes in input-channel order, e.g. ["t1", "flair"]; None = all found, sorted.
@@ -85,26 +138,26 @@ def discover(root: str | None, layout: str = "auto", modalities: list[str] | Non
         the Layout; files that do not make a case are in `.problems` (all of them, not just the first).
 
     Raises:
-        DataError: root unset or missing, no cases at all.
+        DataError: root unset or missing, no cases at all, an unsupported file_ending.
     """
-    if root is None or str(root).strip() in ("", "???"):
-        raise DataError(
-            "dataset.root is not set: give the folder of your data, e.g. dataset.root=/data/brains"
-        )
-    path = Path(str(root)).expanduser()
-    if not path.is_dir():
-        raise DataError(f"dataset.root={root}: folder not found")
-    manifest = _read_manifest(path / "dataset.json")
+    path = resolve_root(root)
+    manifest_path = path / "dataset.json"
+    manifest = _read_manifest(manifest_path)
     training = manifest.get("training")
     if layout == "msd" and not training:
-        raise DataError(
-            f"{path / 'dataset.json'}: missing or without a 'training' list (needed by dataset=msd)"
-        )
+        raise DataError(f"{manifest_path}: missing or without a 'training' list (needed by dataset=msd)")
     found = Layout(root=path, name=str(manifest.get("name") or path.name))
+    found.manifest_labels = manifest.get("labels") or None
+    ending = manifest.get("file_ending")
+    if ending is not None:
+        if str(ending).lower() not in SUFFIXES_3D + SUFFIXES_2D:
+            allowed = ", ".join(SUFFIXES_3D + SUFFIXES_2D)
+            raise DataError(
+                f"{manifest_path}: file_ending {ending!r} is not supported; expected one of {allowed}"
+            )
+        found.endings = (str(ending).lower(),)
     names = manifest.get("modality") or manifest.get("channel_names") or {}
     found.channel_names = [str(names[k]) for k in sorted(names, key=lambda k: int(k))] if names else []
-    if manifest.get("labels"):
-        found.labels = parse_labels(manifest["labels"], f"{path / 'dataset.json'} labels")
     if training and layout != "folders":
         found.channels_4d = max(1, len(found.channel_names))
         _from_manifest(found, training)
@@ -149,6 +202,8 @@ def _from_manifest(found: Layout, training: list) -> None:
             stem = strip_suffix(image.name) or image.stem
             channels = sorted(image.parent.glob(f"{stem}_[0-9][0-9][0-9][0-9]{_suffix(image.name)}"))
             images += [image] if image.exists() else channels
+            if not image.exists() and channels and not found.channel_files:
+                found.channel_files = [c.name[len(stem) + 1 : len(stem) + 5] for c in channels]
             if not image.exists() and not channels:
                 problems.append(f"{_rel(image, found.root)}: listed in dataset.json but not found")
         if not label.exists():
@@ -163,18 +218,20 @@ def _from_manifest(found: Layout, training: list) -> None:
 
 def _scan(found: Layout, modalities: list[str] | None) -> None:
     """Cases from images/ + labels/ (or imagesTr/ + labelsTr/) with matching names."""
-    root = found.root
+    root, endings = found.root, found.endings
     image_dir = next((root / d for d in IMAGE_DIRS if (root / d).is_dir()), None)
     label_dir = next((root / d for d in LABEL_DIRS if (root / d).is_dir()), None)
     if image_dir is None or label_dir is None:
         raise DataError(f"{root}: no image/label pairs found: {_EXPECTED}")
     labels = {
-        strip_suffix(f.name): f for f in sorted(label_dir.iterdir()) if strip_suffix(f.name) is not None
+        strip_suffix(f.name, endings): f
+        for f in sorted(label_dir.iterdir())
+        if strip_suffix(f.name, endings) is not None
     }
     channels: dict[str, dict[str | None, Path]] = {}
     orphans: list[Path] = []
     for f in sorted(image_dir.iterdir()):
-        stem = strip_suffix(f.name)
+        stem = strip_suffix(f.name, endings)
         match = CHANNEL.match(stem or "")
         if stem in labels:
             channels.setdefault(stem, {})[None] = f
@@ -184,24 +241,22 @@ def _scan(found: Layout, modalities: list[str] | None) -> None:
             orphans.append(f)
     names = list(modalities) if modalities else sorted({c for chans in channels.values() for c in chans if c})
     found.channel_names = found.channel_names or names
+    found.channel_files = names if any(c for chans in channels.values() for c in chans) else []
     for f in orphans:
-        found.problems.append(_orphan(f, names, label_dir.name, root))
+        found.problems.append(_orphan(f, names, label_dir.name, found))
     for case_id, label in labels.items():
         _add_case(found, case_id, label, channels.get(case_id, {}), names, image_dir)
 
 
-def _orphan(image: Path, channel_names: list[str], label_dir: str, root: Path) -> CaseReport:
+def _orphan(image: Path, channel_names: list[str], label_dir: str, found: Layout) -> CaseReport:
     """The report of an image whose label map is missing (its expected name, channel suffix removed)."""
-    stem = strip_suffix(image.name)
+    stem = strip_suffix(image.name, found.endings)
     match = CHANNEL.match(stem)
     if match and (match["channel"].isdigit() or match["channel"] in channel_names):
         stem = match["case"]
-    expected = f"{label_dir}/{stem}{_suffix(image.name)}"
-    return CaseReport(
-        stem,
-        [_rel(image, root)],
-        problems=[f"{_rel(image, root)}: image without a label (expected {expected})"],
-    )
+    expected = f"{label_dir}/{stem}{_suffix(image.name, found.endings)}"
+    rel = _rel(image, found.root)
+    return CaseReport(stem, [rel], problems=[f"{rel}: image without a label (expected {expected})"])
 
 
 def _add_case(
@@ -209,7 +264,7 @@ def _add_case(
 ) -> None:
     """One case of a scanned folder: its single image, or its channel images in `names` order."""
     root, files = found.root, [_rel(p, found.root) for p in [*chans.values(), label]]
-    suffix = _suffix(label.name)
+    suffix = _suffix(label.name, found.endings)
     if not chans:
         problem = f"{_rel(label, root)}: label without an image (expected {image_dir.name}/{case_id}{suffix})"
         found.problems.append(CaseReport(case_id, files, problems=[problem]))
@@ -233,46 +288,3 @@ def _rel(path: Path, root: Path) -> str:
         return str(path.relative_to(root))
     except ValueError:
         return str(path)
-
-
-def _int_like(x) -> bool:
-    return (isinstance(x, int) and not isinstance(x, bool)) or (
-        isinstance(x, str) and re.fullmatch(r"-?\d+", x.strip())
-    )
-
-
-def parse_labels(spec, where: str = "dataset.labels") -> dict[int, str]:
-    """{label value: class name} from a list of names (value = position), {value: name} or {name: value}.
-
-    Several values may share a name: they become one class.
-
-    Raises:
-        DataError: naming `where` if the spec is neither.
-    """
-    if isinstance(spec, (list, tuple)):
-        return {i: str(n) for i, n in enumerate(spec)}
-    if isinstance(spec, dict) and spec:
-        if all(_int_like(k) for k in spec):
-            return {int(k): str(v) for k, v in spec.items()}
-        if all(_int_like(v) for v in spec.values()):
-            return {int(v): str(k) for k, v in spec.items()}
-    raise DataError(
-        f"{where}: expected {{value: name}} pairs such as {{0: background, 1: tumour}}, got {spec}"
-    )
-
-
-def class_table(value_names: dict[int, str]) -> tuple[dict[int, int], list[str]]:
-    """Classes from {value: name}: value 0 is background (class 0), then one class per distinct name.
-
-    Returns:
-        ({value: class index}, [class names, background first]).
-    """
-    value_names = {0: "background", **value_names}
-    names: list[str] = []
-    lut: dict[int, int] = {}
-    for value in sorted(value_names, key=lambda v: (v != 0, v)):
-        name = value_names[value]
-        if name not in names:
-            names.append(name)
-        lut[value] = names.index(name)
-    return lut, names

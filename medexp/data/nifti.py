@@ -1,6 +1,6 @@
 """`dataset=nifti` / `dataset=msd`: a folder of NIfTI (or 2D image) files and label maps, preprocessed once.
 
-`prepare()` finds the cases (medexp.data.layout), reads every file once, checks it (medexp.data.check), maps
+`prepare()` finds the cases (medexp.data.layout), reads every file once, checks it (medexp.data.reading), maps
 label values to classes, preprocesses as in Wong & Moradi 3.1 (medexp.data.transforms.preprocess_case) and
 writes the result as .npy arrays under `<cache_dir>/<name>-<key>/`, where the key hashes the preprocessing
 settings, the folder and its file names. Each case also gets a JSON with the fingerprint (size, mtime) of its
@@ -12,19 +12,19 @@ only read. Any problem stops `prepare()` with a DataError before a training run 
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from pathlib import Path
 
 import numpy as np
-from omegaconf import ListConfig, OmegaConf
 
-from medexp.config import ConfigError
-from medexp.data.base import DataError, DatasetInfo
-from medexp.data.check import CaseReport, outside_labels, read_case
-from medexp.data.layout import CaseFiles, Layout, class_table, discover, parse_labels
-from medexp.data.transforms import NORMALIZATIONS, preprocess_case
+from medexp.data import cache_io
+from medexp.data.base import DatasetInfo
+from medexp.data.images2d import is_2d_file
+from medexp.data.labels import class_values, ignore_value
+from medexp.data.layout import Layout, class_table, discover, parse_labels
+from medexp.data.reading import outside_labels, read_case, track
+from medexp.data.records import CaseFiles, CaseReport
+from medexp.data.transforms import FITS, NORMALIZATIONS, preprocess_case
+from medexp.errors import ConfigError, DataError
 
 VERSION = 1  # bump when the cached arrays change meaning
 
@@ -46,6 +46,9 @@ class NiftiDataset:
         spacing: isotropic voxel size in mm to resample to (a number, or one per axis); None keeps the grid.
         orientation: axis codes to reorient to (default RAS), None keeps the stored axis order.
         normalize: "zscore" (paper default), "zscore_nonzero", "minmax" ([0, 1], NeRD) or "none".
+        fit: how the resampled image reaches `shape`: "pad_resize" (zero-pad to its aspect ratio, then
+            resize; Wong & Moradi 3.1), "crop" (centre crop, padding where smaller; NeRD 3.2) or "resize"
+            (straight resize; Nair et al.); see medexp.data.transforms.fit_to_target.
         cache_dir: where preprocessed cases and splits go; default outputs/cache (under the working dir).
     """
 
@@ -64,6 +67,7 @@ class NiftiDataset:
         orientation: str | None = "RAS",
         normalize: str = "zscore",
         cache_dir: str | None = None,
+        fit: str = "pad_resize",
     ) -> None:
         self.root = root
         self.name = name
@@ -77,6 +81,7 @@ class NiftiDataset:
         self.spacing = spacing
         self.orientation = orientation
         self.normalize = normalize
+        self.fit = fit
         self.cache_dir = cache_dir or "outputs/cache"
         self.stats = {"preprocessed": 0, "reused": 0, "read": 0}
         self._info: DatasetInfo | None = None
@@ -113,7 +118,7 @@ class NiftiDataset:
         found, cache = self._start()
         lut = self._lut(found, None)  # None: labels come from the values found, known after reading all
         reports, done, failed = [], set(), bool(found.problems)
-        for case in found.cases:
+        for case in track(found.cases, "preprocess" if lut else "check"):
             report, data = self._verdict(case, found, cache)
             failed = failed or bool(report.problems or (lut and self._outside(report, found, lut[0])))
             if not failed and lut is not None and data is not None:  # just read: preprocess while in memory
@@ -126,10 +131,20 @@ class NiftiDataset:
             where = problems[0] if problems[0].startswith("dataset") else found.root / problems[0]
             more = f" (+{len(problems) - 1} more; `medexp data check` with the same overrides lists all)"
             raise DataError(f"{where}{more if len(problems) > 1 else ''}")
-        for case in found.cases:
-            if case.id not in done:
-                self._ensure_preprocessed(case, found, cache, lut)
+        for case in track([c for c in found.cases if c.id not in done], "preprocess"):
+            self._ensure_preprocessed(case, found, cache, lut)
         return self._cases(found, cache, lut, reports)
+
+    def preprocess_image(self, image: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One image (C, *spatial) with its (4, 4) affine, preprocessed as the training cases were (for
+        `medexp predict`): (image (C, *shape), the affine of that grid)."""
+        dims = image.ndim - 1
+        label = np.zeros((1, *image.shape[1:]), dtype=np.uint8)
+        out, _, record = preprocess_case(
+            image, label, affine, target=self._target(dims), spacing=self._pixdim(dims),
+            orientation=self.orientation, normalize=self.normalize, fit=self.fit,
+        )  # fmt: skip
+        return out, np.asarray(record["affine"])
 
     # --- steps ------------------------------------------------------------------------------------------
     def _start(self) -> tuple[Layout, Path]:
@@ -141,10 +156,13 @@ class NiftiDataset:
                 "dataset.spatial_dims=3: 2D image files need dataset.spatial_dims=2 and a 2D dataset.shape"
             )
         files = sorted(str(p.relative_to(found.root)) for c in found.cases for p in [*c.images, c.label])
-        key = _hash({"settings": self._settings(), "root": str(found.root.resolve()), "files": files})[:12]
-        cache = Path(self.cache_dir).resolve() / f"{_safe(self.name or found.name)}-{key}"
+        key = cache_io.hash(
+            {"settings": self._settings(), "root": str(found.root.resolve()), "files": files}
+        )[:12]
+        cache = Path(self.cache_dir).resolve() / f"{cache_io.safe(self.name or found.name)}-{key}"
         (cache / "cases").mkdir(parents=True, exist_ok=True)
-        _write_json(cache / "settings.json", {"root": str(found.root.resolve()), **self._settings()})
+        cache_io.remove_stale_temp(cache)  # writes a killed run left half done
+        cache_io.write_json(cache / "settings.json", {"root": str(found.root.resolve()), **self._settings()})
         return found, cache
 
     def _check_options(self) -> None:
@@ -152,6 +170,7 @@ class NiftiDataset:
             "unlisted_labels": ("error", "background"),
             "layout": ("auto", "msd", "folders"),
             "normalize": NORMALIZATIONS,
+            "fit": FITS,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -162,7 +181,7 @@ class NiftiDataset:
             )
         if self.slice_axis not in (0, 1, 2):
             raise ConfigError(f"dataset.slice_axis={self.slice_axis}: expected 0, 1 or 2")
-        spacing = _plain(self.spacing) if _is_seq(self.spacing) else [self.spacing]
+        spacing = cache_io.plain(self.spacing) if cache_io.is_seq(self.spacing) else [self.spacing]
         if self.spacing is not None and not all(isinstance(s, (int, float)) and s > 0 for s in spacing):
             raise ConfigError(f"dataset.spacing={self.spacing}: expected a positive size in mm (or null)")
         if self.orientation is not None and (
@@ -175,13 +194,13 @@ class NiftiDataset:
     def _settings(self) -> dict:
         """Everything the cached arrays depend on (besides the files)."""
         keys = ("labels", "unlisted_labels", "modalities", "layout", "spatial_dims", "slice_axis", "shape")
-        keys += ("spacing", "orientation", "normalize")
-        return {"version": VERSION, **{k: _plain(getattr(self, k)) for k in keys}}
+        keys += ("spacing", "orientation", "normalize") + (("fit",) if self.fit != "pad_resize" else ())
+        return {"version": VERSION, **{k: cache_io.plain(getattr(self, k)) for k in keys}}
 
     def _lut(self, found: Layout, reports: list[CaseReport] | None):
         """({value: class}, names) from dataset.labels, else dataset.json, else the values in `reports`."""
         if self.labels is not None:
-            return class_table(parse_labels(_plain(self.labels), "dataset.labels"))
+            return class_table(parse_labels(cache_io.plain(self.labels), "dataset.labels"))
         if found.labels is not None:
             return class_table(found.labels)
         if reports is None:
@@ -200,13 +219,13 @@ class NiftiDataset:
     def _verdict(self, case: CaseFiles, found: Layout, cache: Path):
         """(report, data or None): the cached verdict if the files are unchanged, else read and check them."""
         path = cache / "cases" / f"{case.id}.json"
-        record = _read_json(path)
-        fingerprint = _fingerprint(case, found.root)
+        record = cache_io.read_json(path)
+        fingerprint = cache_io.fingerprint(case, found.root)
         if record and record.get("fingerprint") == fingerprint:
             return CaseReport.from_dict(record["report"]), None
         data = read_case(case, found.root, found.channels_4d)
         self.stats["read"] += 1
-        _write_json(
+        cache_io.write_json(
             path, {"fingerprint": fingerprint, "report": data.report.to_dict(), "original": data.original}
         )
         return data.report, (data if not data.report.problems else None)
@@ -236,12 +255,16 @@ class NiftiDataset:
         return out
 
     def _prep_key(self, lut) -> str:
-        return _hash({"settings": self._settings(), "lut": sorted(lut[0].items()), "names": lut[1]})[:16]
+        return cache_io.hash({"settings": self._settings(), "lut": sorted(lut[0].items()), "names": lut[1]})[
+            :16
+        ]
 
     def _ensure_preprocessed(self, case: CaseFiles, found: Layout, cache: Path, lut) -> None:
         """Reuse the cached arrays of a case if they are current, else read and preprocess it again."""
-        prep = _read_json(cache / "cases" / f"{case.id}.json").get("prep") or {}
-        if prep.get("key") == self._prep_key(lut) and all((cache / f).exists() for f in prep["files"]):
+        prep = cache_io.read_json(cache / "cases" / f"{case.id}.json").get("prep") or {}
+        # the record is written after the arrays, with their sizes: a half-written case is redone, not read
+        current = prep.get("key") == self._prep_key(lut)
+        if current and cache_io.complete(cache, prep["files"], prep.get("sizes")):
             self.stats["reused"] += 1
             return
         self.stats["read"] += 1
@@ -259,12 +282,14 @@ class NiftiDataset:
             spacing=None if data.is_2d else self._pixdim(dims),
             orientation=self.orientation,
             normalize=self.normalize,
+            fit=self.fit,
         )
         path = cache / "cases" / f"{case.id}.json"
-        record = _read_json(path)
+        record = cache_io.read_json(path)
         files = self._save_arrays(cache, case.id, image, label)
         record["prep"] = {"key": self._prep_key(lut), "files": files, "record": steps}
-        _write_json(path, record)
+        record["prep"]["sizes"] = cache_io.sizes(cache, files)
+        cache_io.write_json(path, record)
         self.stats["preprocessed"] += 1
 
     def _target(self, data_dims: int) -> list[int]:
@@ -278,7 +303,11 @@ class NiftiDataset:
     def _pixdim(self, data_dims: int) -> list[float] | None:
         if self.spacing is None:
             return None
-        spacing = _plain(self.spacing) if _is_seq(self.spacing) else [float(self.spacing)] * data_dims
+        spacing = (
+            cache_io.plain(self.spacing)
+            if cache_io.is_seq(self.spacing)
+            else [float(self.spacing)] * data_dims
+        )
         if self.spatial_dims == 2 and data_dims == 3 and len(spacing) == 3:
             spacing[self.slice_axis] = -1  # keep the slices as acquired: no interpolated slices
         return spacing
@@ -286,30 +315,40 @@ class NiftiDataset:
     def _save_arrays(self, cache: Path, case_id: str, image: np.ndarray, label: np.ndarray) -> list[str]:
         """Write the case (and its slices) as .npy; returns the file names relative to the cache folder."""
         files = [f"cases/{case_id}_image.npy", f"cases/{case_id}_label.npy"]
-        _save_npy(cache / files[0], image)
-        _save_npy(cache / files[1], label)
+        cache_io.save_npy(cache / files[0], image)
+        cache_io.save_npy(cache / files[1], label)
         if self.spatial_dims == 2 and image.ndim == 4:
             axis = self.slice_axis + 1  # (C, X, Y, Z): spatial axis k is array axis k + 1
             for k in range(image.shape[axis]):
                 pair = [f"slices/{case_id}_s{k:03d}_image.npy", f"slices/{case_id}_s{k:03d}_label.npy"]
-                _save_npy(cache / pair[0], np.take(image, k, axis=axis))  # (C, *in-plane)
-                _save_npy(cache / pair[1], np.take(label, k, axis=axis))  # (1, *in-plane)
+                cache_io.save_npy(cache / pair[0], np.take(image, k, axis=axis))  # (C, *in-plane)
+                cache_io.save_npy(cache / pair[1], np.take(label, k, axis=axis))  # (1, *in-plane)
                 files += pair
         return files
 
     def _cases(self, found: Layout, cache: Path, lut, reports: list[CaseReport]) -> list[dict]:
-        """Case dicts of the cached arrays, and the DatasetInfo."""
+        """Case dicts of the cached arrays, and the DatasetInfo.
+
+        Each case carries "spacing", its own voxel size after preprocessing (surface distances use it); its
+        slices carry "volume", "slice", "slice_axis" and "volume_spacing", so evaluation can stack their
+        predictions back into the volume (medexp.evaluation.inference).
+        """
         cases, spacings = [], []
         for case in found.cases:
-            prep = _read_json(cache / "cases" / f"{case.id}.json")["prep"]
+            prep = cache_io.read_json(cache / "cases" / f"{case.id}.json")["prep"]
             files = [str(cache / f) for f in prep["files"]]
-            item = {"id": case.id, "image": files[0], "label": files[1]}
+            own = [float(s) for s in prep["record"]["spacing"]]
+            item = {"id": case.id, "image": files[0], "label": files[1], "spacing": own}
             if len(files) > 2:
                 item["slices"] = [
                     {
                         "id": Path(files[i]).name[: -len("_image.npy")],
                         "image": files[i],
                         "label": files[i + 1],
+                        "volume": case.id,
+                        "slice": (i - 2) // 2,
+                        "slice_axis": self.slice_axis,
+                        "volume_spacing": own,
                     }
                     for i in range(2, len(files), 2)
                 ]
@@ -329,71 +368,13 @@ class NiftiDataset:
             root=str(cache),
             spacing=np.median(np.asarray(spacings), axis=0).round(6).tolist(),
             channel_names=list(found.channel_names),
+            label_values=class_values(lut[0], len(lut[1])),
+            ignore_label=ignore_value(lut[0]),
+            channel_files=list(found.channel_files),
+            source=str(found.root.resolve()),
         )
         return cases
 
 
-def inspect_cases(cases: list[dict], num_classes: int) -> list[CaseReport]:
-    """Check the NIfTI files of any dataset's case dicts (`medexp data check` on e.g. the demo data)."""
-    reports = []
-    for case in cases:
-        files = CaseFiles(case["id"], [Path(case["image"])], Path(case["label"]))
-        report = read_case(files, Path(case["image"]).parent.parent, 1).report
-        report.problems += outside_labels(
-            report.files[-1], report.values, dict.fromkeys(range(num_classes), 0), "the classes"
-        )
-        reports.append(report)
-    return reports
-
-
 def _is_2d(case: CaseFiles) -> bool:
-    from medexp.data.images2d import is_2d_file
-
     return is_2d_file(case.images[0])
-
-
-def _fingerprint(case: CaseFiles, root: Path) -> list:
-    return [
-        [str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in [*case.images, case.label]
-    ]
-
-
-def _plain(value):
-    """Config values (OmegaConf containers, tuples) as plain JSON-able Python."""
-    if OmegaConf.is_config(value):
-        return OmegaConf.to_container(value, resolve=True)
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _is_seq(value) -> bool:
-    return isinstance(value, (list, tuple, ListConfig))
-
-
-def _hash(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "dataset"
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_json(path: Path, obj) -> None:
-    """Atomic write (temp file + rename): parallel jobs and DDP ranks never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    tmp.replace(path)
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        np.save(f, array)
-    tmp.replace(path)

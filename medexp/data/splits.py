@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medexp.data.base import DataError
+from medexp.errors import DataError
 
 RATIOS = (0.6, 0.1, 0.3)
 

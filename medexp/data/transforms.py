@@ -1,5 +1,5 @@
-"""MONAI transform pipelines: loading, the deterministic preprocessing of Wong & Moradi 3.1 (run once per case
-and cached on disk by the NIfTI dataset), and the paper's random augmentation."""
+"""MONAI transform pipelines: loading, and the deterministic preprocessing of Wong & Moradi 3.1 (run once per
+case and cached on disk by the NIfTI dataset). The random augmentation is medexp.data.augment."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from monai.data import MetaTensor
 
 KEYS = ("image", "label")
 NORMALIZATIONS = ("zscore", "zscore_nonzero", "minmax", "none")
+FITS = ("pad_resize", "crop", "resize")  # how a resampled image is brought to the target size
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # nibabel affines are RAS
 
 
@@ -45,6 +46,29 @@ def padded_size(size: Sequence[int], target: Sequence[int]) -> list[int]:
     return [s if t <= 0 else max(s, math.ceil(scale * t - 1e-6)) for s, t in zip(size, target, strict=True)]
 
 
+def fit_to_target(kind: str, resampled: Sequence[int], target: Sequence[int]) -> list:
+    """Transforms that bring an image of size `resampled` to `target` (-1 keeps an axis):
+
+    - "pad_resize" (Wong & Moradi 3.1): zero-pad to the aspect ratio of `target`, then resize (images
+      trilinear/bilinear with anti-aliasing, labels nearest), so every axis is scaled alike;
+    - "crop" (NeRD 3.2, "center-cropped to 160x224"): centre crop to `target`, zero-padding symmetrically
+      where the image is smaller (MONAI ResizeWithPadOrCropd); no interpolation, the voxels keep their size;
+    - "resize" (Nair et al. IV-B, "resized ... to 256x256"): resize straight to `target`, axes scaled
+      independently.
+    """
+    mode = "trilinear" if len(target) == 3 else "bilinear"
+    resize = mt.Resized(
+        keys=KEYS, spatial_size=list(target), mode=(mode, "nearest"), anti_aliasing=(True, False)
+    )
+    if kind == "crop":
+        return [mt.ResizeWithPadOrCropd(keys=KEYS, spatial_size=list(target), mode="constant")]
+    if kind == "resize":
+        return [resize]
+    if kind != "pad_resize":
+        raise ValueError(f"fit must be one of {', '.join(FITS)}, got {kind!r}")
+    return [mt.SpatialPadd(keys=KEYS, spatial_size=padded_size(resampled, target), mode="constant"), resize]
+
+
 def normalization(kind: str) -> list:
     """Intensity normalisation per channel: z-score (all voxels, or the non-zero ones), [0, 1], or none."""
     if kind == "zscore":
@@ -65,8 +89,10 @@ def preprocess_case(
     spacing: Sequence[float] | None,
     orientation: str | None,
     normalize: str = "zscore",
+    fit: str = "pad_resize",
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Wong & Moradi 3.1: reorient, resample to isotropic spacing, zero-pad, resize to `target`; normalise.
+    (`fit` chooses NeRD's centre crop or a plain resize instead of pad + resize: `fit_to_target`.)
 
     Args:
         image: (C, *spatial) float32 image (one channel per modality).
@@ -76,6 +102,7 @@ def preprocess_case(
         spacing: voxel size in mm per spatial axis (-1 keeps an axis), or None for no resampling.
         orientation: axis codes such as "RAS", or None to keep the stored axis order (3D only).
         normalize: one of NORMALIZATIONS.
+        fit: one of FITS.
 
     Returns:
         (image (C, *target) float32, label (1, *target) uint8, record): the record holds the shapes after each
@@ -95,17 +122,8 @@ def preprocess_case(
     if steps:
         data = mt.Compose(steps)(data)
     resampled = list(data["image"].shape[1:])
-    padded = padded_size(resampled, target)
-    mode = "trilinear" if spatial_dims == 3 else "bilinear"
-    data = mt.Compose(
-        [
-            mt.SpatialPadd(keys=KEYS, spatial_size=padded, mode="constant"),
-            mt.Resized(
-                keys=KEYS, spatial_size=list(target), mode=(mode, "nearest"), anti_aliasing=(True, False)
-            ),
-            *normalization(normalize),
-        ]
-    )(data)
+    padded = padded_size(resampled, target) if fit == "pad_resize" else resampled
+    data = mt.Compose([*fit_to_target(fit, resampled, target), *normalization(normalize)])(data)
     out_affine = data["image"].affine.numpy()
     record = {
         "resampled_shape": resampled,
@@ -117,32 +135,3 @@ def preprocess_case(
     image_out = data["image"].numpy().astype(np.float32)  # (C, *target)
     label_out = data["label"].numpy().round().astype(np.uint8)  # (1, *target)
     return image_out, label_out, record
-
-
-def paper_augmentation(
-    spatial_dims: int,
-    prob: float = 0.8,
-    rotate_deg: float = 30.0,
-    shift: float = 0.2,
-    scale: float = 0.2,
-    shape: list[int] | None = None,
-) -> list:
-    """Wong & Moradi 2.4: with probability `prob`, one random affine of axial rotation +-rotate_deg,
-    shift +-shift of the size, and scaling 1 +- scale; labels use nearest-neighbour interpolation.
-
-    The axial plane is the first two spatial axes of a RAS-ish volume, i.e. a rotation about the last axis.
-    """
-    angle = math.radians(rotate_deg)
-    rotate = (angle,) if spatial_dims == 2 else (0.0, 0.0, angle)
-    translate = [shift * s for s in shape] if shape else None
-    return [
-        mt.RandAffined(
-            keys=KEYS,
-            prob=prob,
-            rotate_range=rotate,
-            translate_range=translate,
-            scale_range=[scale] * spatial_dims,
-            mode=("bilinear", "nearest"),
-            padding_mode="zeros",
-        )
-    ]

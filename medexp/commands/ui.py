@@ -1,0 +1,171 @@
+"""`medexp ui`: the MLflow tracking server and UI over the project's store (docs/design.md §9).
+
+`mlflow server` runs as a child process in its own session, hence its own process group, bound to
+127.0.0.1 unless told otherwise. The server process starts further processes (uvicorn and its workers);
+SIGINT (Ctrl-C), SIGTERM and SIGHUP to medexp stop the whole group: SIGTERM to the group first, SIGKILL
+for whatever is still alive after a grace period, so no server process outlives the command.
+
+MLflow's background job runner (MLFLOW_SERVER_ENABLE_JOB_EXECUTION) is switched off for this server: the
+experiment UI does not need it, and its job processes start their own sessions, outside the group.
+
+The MLflow server has no authentication: whoever reaches the port can read and change every run. It
+therefore binds to loopback unless `--host` names another interface, and then medexp says so on stderr.
+Before serving, the runs of this host whose process died are marked KILLED (medexp.tracking.liveness).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from medexp.tracking.liveness import mark_dead_runs
+from medexp.tracking.store import DEFAULT_ARTIFACTS, artifact_location
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5000
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def exposure_warning(host: str) -> str | None:
+    """The warning for a server bound to `host` beyond this machine (None for loopback addresses)."""
+    if host in LOOPBACK or host.startswith("127."):
+        return None
+    return (
+        f"--host {host} serves the MLflow UI beyond this machine, and it has no authentication: anyone "
+        "who can reach the port can read, change and delete every run; use the default (127.0.0.1) and "
+        "an SSH tunnel instead where the network is not trusted"
+    )
+
+
+def build_command(
+    uri: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, workers: int = 1
+) -> list[str]:
+    """The `mlflow server` command line for store `uri` (the interpreter running medexp runs mlflow too).
+
+    With a sqlite store, artifacts uploaded through the server go to mlartifacts/ next to the database,
+    where medexp's own runs keep theirs.
+    """
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
+    command += ["--host", host, "--port", str(port), "--workers", str(workers)]
+    if uri.startswith("sqlite:"):  # next to the database, where medexp's own runs keep theirs
+        command += ["--artifacts-destination", artifact_location(uri) or str(DEFAULT_ARTIFACTS.resolve())]
+    return command
+
+
+def server_env() -> dict[str, str]:
+    """The environment of the server: ours, without a job runner (see the module docstring)."""
+    env = dict(os.environ)
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    env.pop("MLFLOW_TRACKING_URI", None)  # the server gets its store from --backend-store-uri only
+    return env
+
+
+def start(command: list[str]) -> subprocess.Popen:
+    """Start `command` as the leader of a new session (and process group).
+
+    On Linux the leader also gets SIGTERM when medexp dies without a chance to clean up (SIGKILL); the
+    mlflow server forwards it to uvicorn and exits.
+    """
+    linux = sys.platform.startswith("linux")
+    return subprocess.Popen(
+        command,
+        env=server_env(),
+        start_new_session=True,
+        preexec_fn=_term_when_parent_dies if linux else None,
+    )
+
+
+def _term_when_parent_dies() -> None:
+    """In the child, before exec: prctl(PR_SET_PDEATHSIG, SIGTERM)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group `pgid`, from /proc; elsewhere, [pgid] if signalable."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return [pgid]
+        except (ProcessLookupError, PermissionError):
+            return []
+    members = []
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop the process group led by `proc`: SIGTERM, then SIGKILL to whatever survives `grace` seconds."""
+    pgid = proc.pid  # the leader of a new session: its pid is the group id
+    _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if proc.poll() is not None and not group_members(pgid):
+            return
+        time.sleep(0.1)
+    _signal_group(pgid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + grace
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class _Stop(Exception):
+    """Raised by the signal handlers to leave the wait in `serve`."""
+
+
+def serve(
+    uri: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, announce: Callable[[str], None] = print
+) -> int:
+    """Run the MLflow server over `uri` until it exits or medexp gets SIGINT/SIGTERM/SIGHUP.
+
+    Returns:
+        0 when stopped by a signal, else the server's own exit code (e.g. 1 when the port is taken).
+    """
+
+    def handler(signum, _frame):
+        raise _Stop(signum)
+
+    warning = exposure_warning(host)
+    if warning:
+        print(f"medexp ui: warning: {warning}", file=sys.stderr)
+    mark_dead_runs(uri)
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    proc = None
+    try:
+        proc = start(build_command(uri, host, port))
+        shown = f"[{host}]" if ":" in host else host
+        announce(f"MLflow UI: http://{shown}:{port}  (store {uri}; Ctrl-C stops it)")
+        return proc.wait()
+    except _Stop:
+        return 0
+    finally:
+        for sig in STOP_SIGNALS:  # a second Ctrl-C must not interrupt the clean-up
+            signal.signal(sig, signal.SIG_IGN)
+        if proc is not None:
+            stop(proc)
+        for sig, old in previous.items():
+            signal.signal(sig, old)

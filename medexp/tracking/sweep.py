@@ -1,0 +1,93 @@
+"""A parent MLflow run per multirun (a Hydra callback) and the jobs' status files in the sweep folder.
+
+A multirun gets a parent run from `SweepParentRun` before any job starts; every job reads its id from the
+sweep folder and nests under it, and records how it ended in its own folder for the closing summary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from medexp.tracking.liveness import process_tags
+from medexp.tracking.store import client, experiment_id, resolve_uri, run_context_tags
+
+PARENT_FILE = "mlflow_parent.json"
+STATUS_FILE = "medexp_status.json"
+
+
+def read_parent(sweep_dir: str | Path) -> dict | None:
+    """The parent-run record the SweepParentRun callback left in the sweep folder, if any."""
+    path = Path(sweep_dir) / PARENT_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_status(output_dir: str | Path, status: dict) -> None:
+    """Record how a job ended (finished, diverged, failed) for the sweep summary."""
+    path = Path(output_dir) / STATUS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(status))
+
+
+class SweepParentRun(Callback):
+    """Hydra callback: a parent MLflow run per multirun, created before any job starts.
+
+    Creating it also creates the tracking database (and runs its migrations) once, before parallel jobs
+    could race to do so. At the end the parent is marked FINISHED, or FAILED if any job failed, and the
+    jobs' outcomes are summarised.
+    """
+
+    failures: list[dict] = []
+    active: dict | None = None  # {"run_id", "uri", "experiment"} of the parent while its multirun runs
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        uri = resolve_uri(config.get("tracking_uri"))
+        mlflow_client = client(uri)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        run = mlflow_client.create_run(
+            experiment_id(mlflow_client, config.experiment_name),
+            run_name=f"sweep {sweep_dir.name}",
+            tags=run_context_tags(
+                {
+                    "medexp.sweep_dir": str(sweep_dir.resolve()),
+                    **process_tags(),  # a SIGKILLed sweep's parent is marked KILLED later (liveness)
+                }
+            ),
+        )
+        mlflow_client.set_tag(run.info.run_id, "sweep_id", run.info.run_id)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        record = {"run_id": run.info.run_id, "uri": uri, "experiment": config.experiment_name}
+        (sweep_dir / PARENT_FILE).write_text(json.dumps(record))
+        SweepParentRun.active = record
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        parent = read_parent(sweep_dir)
+        statuses = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob(f"*/{STATUS_FILE}"))]
+        SweepParentRun.failures = [s for s in statuses if s.get("status") == "failed"]
+        diverged = [s for s in statuses if s.get("status") == "diverged"]
+        finished = sum(s.get("status") == "finished" for s in statuses)
+        print(
+            f"sweep {sweep_dir}: {len(statuses)} job(s): {finished} finished, {len(diverged)} diverged, "
+            f"{len(SweepParentRun.failures)} failed"
+        )
+        for s in SweepParentRun.failures:
+            print(f"  failed: job {s.get('job')} ({s.get('overrides')}): {s.get('error')}")
+        for s in diverged:
+            print(f"  diverged: job {s.get('job')} ({s.get('overrides')}) at epoch {s.get('epoch')}")
+        if parent:
+            status = "FAILED" if SweepParentRun.failures else "FINISHED"
+            client(parent["uri"]).set_terminated(parent["run_id"], status=status)
+        SweepParentRun.active = None
+
+    @staticmethod
+    def abandon(status: str) -> None:
+        """End the parent run of a multirun that stopped before its end (Ctrl-C, or an error Hydra raises
+        between jobs, which skips on_multirun_end) as `status`, so that no parent is left RUNNING."""
+        record, SweepParentRun.active = SweepParentRun.active, None
+        if record:
+            client(record["uri"]).set_terminated(record["run_id"], status=status)
