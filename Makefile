@@ -10,6 +10,7 @@ PIP := $(VENV)/bin/pip
 PY := $(VENV)/bin/python
 MEDEXP := $(VENV)/bin/medexp
 STAMP := $(VENV)/.installed
+TEST_WORKERS ?= 2
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
@@ -36,7 +37,7 @@ chromium: ## Debian's chromium for the browser test (Playwright drives it; no br
 	  echo "warning: could not install chromium; tests/test_ui.py's browser test will be skipped"
 
 test: $(STAMP) chromium ## run the test suite (what CI runs); installs Debian's chromium for the browser test
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## the unit tests only (no `medexp` subprocess runs, nothing slow): run before each change
 	$(PY) -m pytest -q -m "not slow and not e2e" $(PYTEST_ARGS)

@@ -107,7 +107,10 @@ def report(
     ),
     lr: float = typer.Option(1e-3, "--lr", help="Learning rate of the table (relative tolerance 1%)."),
     output: str = typer.Option(
-        None, "--output", "-o", help="Output folder (default: outputs/reports/<name>)."
+        None,
+        "--output",
+        "-o",
+        help="Output folder (default: reports/<name> next to a sqlite store).",
     ),
     tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store (default: as medexp train)."),
     log: bool = typer.Option(True, "--log/--no-log", help="Log the files to the sweep's parent run."),
@@ -173,7 +176,7 @@ def evaluate(
     Console().print(table)
 
 
-data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets: medexp data check [overrides].")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets: medexp data check \\[overrides].")
 app.add_typer(data_app, name="data")
 
 

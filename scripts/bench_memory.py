@@ -11,9 +11,9 @@ from the network on the meta device, and measured on the CPU.
 
 Configurations: the three models with the plain head (Gabor layers with kernel.impl=direct, the path that
 runs on a GPU without the FFT: its generated weight and F.conv3d), and the conventional model with each
-head, as medexp.nn.wong.WongNet runs them today (NeRD heads on the concatenated 180-channel features) and
-through NeRD's forward_levels (the features never built: `WongNetLevels` below, the change WongNet needs),
-plus the NeRD heads without chunking (computed only: ~15 GB).
+head as medexp.nn.wong.WongNet runs it (NeRD heads through forward_levels: the concatenated 180-channel
+full-size features are never built; positions evaluated in chunks), plus the NeRD heads without chunking
+(computed only: ~15 GB).
 
 Usage:  python scripts/bench_memory.py                        (computed and measured; ~5 min on 2 cores)
         python scripts/bench_memory.py --sections computed    (seconds)
@@ -45,30 +45,10 @@ def _rss_bytes() -> int:
 
 def configs():
     """name -> (kernel factory class, kernel impl, head factory, network class)."""
-    import torch
 
     from medexp.nn.heads import NeRDcHead, NeRDmHead, PlainHead
     from medexp.nn.kernels import ConventionalKernels, GaborKernels, MixedKernels
     from medexp.nn.wong import WongNet
-
-    class WongNetLevels(WongNet):
-        """WongNet whose NeRD head gets the decoder outputs (head.forward_levels) instead of their full-size
-        concatenation: WongNet.forward with its last two lines replaced, as proposed for medexp/nn/wong.py."""
-
-        def forward(self, x):
-            x = self.input_layer(x)
-            skips = []
-            for i, block in enumerate(self.encoder):
-                x = block(x if i == 0 else self.pool(x))
-                skips.append(x)
-            decoded = []
-            for i in reversed(range(self.levels - 1)):
-                skip = skips[i]
-                x = self.decoder[i](torch.cat([self._upsample(x, skip.shape[2:]), skip], dim=1))
-                decoded.append(x)
-            if type(self.head) is PlainHead:
-                return self._plain_head_per_level(decoded, skips[0].shape[2:])
-            return self.head.forward_levels(decoded, skips[0].shape[2:])
 
     unchunked = dict(chunk_bytes=None)
     return {
@@ -77,14 +57,12 @@ def configs():
         "gabor": (GaborKernels, "direct", PlainHead, WongNet),
         "nerdc": (ConventionalKernels, "auto", NeRDcHead, WongNet),
         "nerdm": (ConventionalKernels, "auto", NeRDmHead, WongNet),
-        "nerdc_levels": (ConventionalKernels, "auto", NeRDcHead, WongNetLevels),
-        "nerdm_levels": (ConventionalKernels, "auto", NeRDmHead, WongNetLevels),
         "nerdc_unchunked": (ConventionalKernels, "auto", functools.partial(NeRDcHead, **unchunked), WongNet),
         "nerdm_unchunked": (ConventionalKernels, "auto", functools.partial(NeRDmHead, **unchunked), WongNet),
     }
 
 
-MEASURED = ("conventional", "mixed", "gabor", "nerdc", "nerdm", "nerdc_levels", "nerdm_levels")
+MEASURED = ("conventional", "mixed", "gabor", "nerdc", "nerdm")
 
 
 def build(name: str, size: int, device: str, classes: int = 20):
@@ -194,7 +172,7 @@ def report(comp: dict, meas: dict) -> dict[str, float]:
     for source, table in (("computed", comp), ("measured", meas)):
         field = "peak_gib" if source == "computed" else "step_gib"
         plain = table.get("conventional", {}).get(field)
-        for head in ("nerdc", "nerdm", "nerdc_levels", "nerdm_levels", "nerdc_unchunked", "nerdm_unchunked"):
+        for head in ("nerdc", "nerdm", "nerdc_unchunked", "nerdm_unchunked"):
             if plain and head in table:
                 keys[f"{source}_{head}_vs_plain"] = table[head][field] / plain
     for key, value in keys.items():

@@ -93,10 +93,8 @@ def test_count_step_by_hand():
 @pytest.mark.slow
 def test_bench_memory_counts_the_papers_network():
     bench_memory = _script("bench_memory")
-    keys = bench_memory.main(
-        ["--size", "16", "--sections", "computed", "--configs", "conventional,nerdc_levels"]
-    )
+    keys = bench_memory.main(["--size", "16", "--sections", "computed", "--configs", "conventional,nerdc"])
     # docs/design.md §4 and §6: 4,989,812 parameters with the plain head (3,620 of them), NeRDc's head 120,080
     assert keys["computed_conventional_params"] == 4_989_812
-    assert keys["computed_nerdc_levels_params"] == 4_989_812 - 3_620 + 120_080
+    assert keys["computed_nerdc_params"] == 4_989_812 - 3_620 + 120_080
     assert keys["computed_conventional_gflop"] > 0

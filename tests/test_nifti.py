@@ -276,7 +276,7 @@ def _runs(cwd: Path):
 @pytest.mark.e2e
 def test_msd_4d_check_train_3d_and_2d_and_predict_imagesTs(tmp_path, capsys):
     """An MSD task (one 4D file of 2 modalities per case): data check ok, 2-epoch 3D and 1-epoch 2D runs,
-    `medexp predict` on imagesTs: one label map per case with the input's shape and affine."""
+    `medexp predict` on imagesTs with each: one label map per case with the input's shape and affine."""
     data = make_folder(tmp_path / "data", 5, "msd")
     for i in (5, 6):  # imagesTs: 4D files like imagesTr's, no labels
         image, _ = phantom((18 + i, 17, 9), i)
@@ -324,6 +324,16 @@ def test_msd_4d_check_train_3d_and_2d_and_predict_imagesTs(tmp_path, capsys):
         labels = nib.load(out / f"case{i}.nii.gz")
         assert labels.shape == (18 + i, 17, 9) and np.allclose(labels.affine, AFFINE)
         assert set(np.unique(np.asarray(labels.dataobj))) <= {0, 1, 2}
+    (run2d,) = [r for r in runs if r.info.run_id != run3d.info.run_id]
+    out2d = tmp_path / "pred2d"  # the slice model from its MLflow model: slices predicted and stacked
+    result = run_medexp(
+        ["predict", f"runs:/{run2d.info.run_id}/model", "-i", str(data / "imagesTs"), "-o", str(out2d)],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for i in (5, 6):
+        labels = nib.load(out2d / f"case{i}.nii.gz")
+        assert labels.shape == (18 + i, 17, 9) and np.allclose(labels.affine, AFFINE)
 
 
 @pytest.mark.e2e
@@ -346,3 +356,45 @@ def test_bad_folder_through_the_cli_fails_before_any_run(tmp_path):
     assert lines[-1].startswith("medexp train: error: ") and "labels/case4.nii.gz: cannot read" in lines[-1]
     assert "Traceback" not in result.stderr + result.stdout
     assert not any(r.info.status == "RUNNING" for r in _runs(tmp_path))
+
+
+def test_a_slice_model_segments_a_volume_slice_by_slice(tmp_path):
+    """medexp predict with a 2D model (dataset.spatial_dims=2) on a volume: each slice across slice_axis
+    gets the network's logits for exactly that cached training slice, and the label map comes back on the
+    input's own grid (shape and affine of the file)."""
+    import torch
+
+    from medexp.config.build import build_dataset, build_model
+    from medexp.config.compose import compose_config
+    from medexp.tracking.models import Segmenter
+
+    data = make_folder(tmp_path / "data", 4)
+    cfg = compose_config(
+        [
+            "dataset=nifti",
+            f"dataset.root={data}",
+            "dataset.spatial_dims=2",
+            "dataset.shape=[16,16]",
+            f"dataset.cache_dir={tmp_path / 'cache'}",
+            "model=unet",
+            "model.channels=[4,8]",
+        ]
+    )
+    ds = build_dataset(cfg)
+    cases = ds.prepare()
+    torch.manual_seed(0)
+    net = build_model(cfg, ds.info.in_channels, ds.info.num_classes, 2)
+    segmenter = Segmenter(cfg, ds.info, net.state_dict(), device=torch.device("cpu"))
+    volume = torch.from_numpy(np.load(cases[0]["image"]))  # (C, X, Y, Z) as preprocessed for training
+    with torch.no_grad():
+        stacked = segmenter._slice_logits(volume)[0]  # (K, X, Y, Z)
+        for part in cases[0]["slices"]:
+            alone = segmenter.model(torch.from_numpy(np.load(part["image"]))[None])[0]  # (K, X, Y)
+            torch.testing.assert_close(stacked[..., part["slice"]], alone, rtol=1e-5, atol=1e-5)
+    from medexp.data.reading import read_images
+
+    image_file = data / "images" / "case1_t1.nii"
+    channels = [data / "images" / "case1_flair.nii", image_file]  # modalities: all found, sorted
+    image, affine = read_images(channels, ds.info.in_channels)
+    labels = segmenter.segment(image, affine)
+    assert labels.shape == nib.load(image_file).shape and set(np.unique(labels)) <= {0, 1, 2}

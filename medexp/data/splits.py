@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medexp.data.cache_io import write_json
 from medexp.errors import DataError
 
 RATIOS = (0.6, 0.1, 0.3)
@@ -54,9 +55,7 @@ def load_or_make_splits(
             return saved["splits"]
     splits = make_splits(case_ids, n_splits, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"case_ids": sorted(case_ids), "splits": splits}, indent=1))
-    tmp.replace(path)
+    write_json(path, {"case_ids": sorted(case_ids), "splits": splits})  # per-process temp file, then rename
     return splits
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from medexp.config.paths import output_root
 from medexp.errors import ReportError
 from medexp.report.aggregate import cells, figure_data, learning_rates, parameter_counts
 from medexp.report.figures import dice_vs_lr
@@ -84,7 +85,8 @@ def make_report(
         statuses = sorted({r["status"] for r in selection.runs if "kernel" in r["tags"]})
         found = f" (training runs found: {', '.join(statuses)})" if statuses else ""
         raise ReportError(f"no FINISHED training runs in {selection.source}{found}")
-    out = Path(out_dir) if out_dir else Path("outputs") / "reports" / selection.name
+    default_out = Path(output_root(uri)) / "reports" / selection.name  # next to a sqlite store
+    out = Path(out_dir) if out_dir else default_out
     out.mkdir(parents=True, exist_ok=True)
     table = cells(records, labels, lr)
     params = parameter_counts(records)

@@ -228,7 +228,7 @@ def _train(cfg, ctx: dist.DistContext, output_dir: Path, job: dict, tracker: Run
     result: dict[str, Any] = {"run_id": run_id, "status": "diverged" if diverged_at else "finished"}
     if ctx.is_main:
         result.update(_test(cfg, model, data, ctx, ckpt_dir, output_dir, tracker))
-        if "test" in result and info.spatial_dims == 3 and cfg.tracking.get("log_model", True):
+        if "test" in result and cfg.tracking.get("log_model", True):
             # the best checkpoint's weights (loaded by _test) as the run's MLflow model, no optimiser state
             result["model_uri"] = tracker.log_model(model, cfg, info, cfg.tracking.get("register_as"))
         if math.isfinite(best):

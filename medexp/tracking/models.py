@@ -11,7 +11,8 @@ values). `Segmenter` does the work for both this model and `medexp predict` on a
 
     image (C, X, Y, Z) and its (4, 4) RAS affine
       -> the dataset's own preprocessing (NIfTI: reorient, resample, pad, resize, normalise)
-      -> the network, with MONAI sliding windows where the image is larger than the training shape
+      -> the network, with MONAI sliding windows where the image is larger than the training shape (a
+         model trained on 2D slices predicts the volume's slices and stacks them back)
       -> class probabilities resampled back onto the input grid (MONAI SpatialResample, both affines)
       -> argmax -> the dataset's label values (not class indices)
 
@@ -56,8 +57,6 @@ class Segmenter:
     """
 
     def __init__(self, cfg, info: DatasetInfo, state_dict: dict, device: torch.device | None = None) -> None:
-        if info.spatial_dims != 3:
-            raise DataError("medexp predict segments 3D volumes; this run trained a 2D model")
         self.cfg, self.info = cfg, info
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         net = build_model(cfg, info.in_channels, info.num_classes, info.spatial_dims)
@@ -73,8 +72,11 @@ class Segmenter:
 
         original_shape = image.shape[1:]
         prepared, grid_affine = self.dataset.preprocess_image(image, affine)
-        batch = torch.from_numpy(np.ascontiguousarray(prepared))[None].to(self.device)  # (1, C, *spatial)
-        logits = predict_logits(self.model, batch, self.info.shape)  # sliding window when larger
+        volume = torch.from_numpy(np.ascontiguousarray(prepared)).to(self.device)  # (C, *spatial)
+        if self.info.spatial_dims == 2 and volume.ndim == 4:
+            logits = self._slice_logits(volume)  # a slice model on a volume, as it was evaluated
+        else:
+            logits = predict_logits(self.model, volume[None], self.info.shape)  # sliding window when larger
         probs = torch.softmax(logits, dim=1)[0].cpu()  # (K, *spatial)
         if tuple(probs.shape[1:]) == tuple(original_shape) and np.allclose(grid_affine, affine):
             return probs.numpy()  # predicted on the input's own grid
@@ -84,6 +86,17 @@ class Segmenter:
             moved, dst_affine=torch.as_tensor(affine, dtype=torch.float64), spatial_size=original_shape
         )
         return np.asarray(back)  # (K, X, Y, Z) on the input grid
+
+    def _slice_logits(self, volume: torch.Tensor, slices_per_batch: int = 16) -> torch.Tensor:
+        """Logits (1, K, X, Y, Z) of a 2D model for a volume (C, X, Y, Z): the slices across the dataset's
+        slice_axis predicted one batch at a time and stacked back, as evaluation scores a volume."""
+        axis = getattr(self.dataset, "slice_axis", 2) + 1  # spatial axis k is tensor axis k + 1
+        slices = volume.movedim(axis, 0)  # (S, C, *in-plane)
+        parts = [
+            predict_logits(self.model, slices[i : i + slices_per_batch], self.info.shape)
+            for i in range(0, slices.shape[0], slices_per_batch)
+        ]  # each (s, K, *in-plane)
+        return torch.cat(parts).movedim(0, axis)[None]  # (1, K, X, Y, Z)
 
     def labels(self, probabilities: np.ndarray) -> np.ndarray:
         """The label map (X, Y, Z) of class probabilities (K, X, Y, Z), in the dataset's label values."""
