@@ -59,3 +59,31 @@ def test_splits_are_disjoint_deterministic_and_saved(tmp_path):
     assert [c["id"] for c in select(cases, splits, 2)["val"]] == splits[2]["val"]
     with pytest.raises(DataError, match="split=7.*0..4"):
         select(cases, splits, 7)
+
+
+@pytest.mark.parametrize(("n", "sizes"), [(60, (42, 6, 12)), (154, (108, 15, 31))])
+def test_nerd_split_ratios_give_the_papers_counts(n, sizes):
+    # Zhang et al. Sec. 3.1: WMH 42/6/12 of 60 volumes, LA 108/15/31 of 154 (conf/experiment/nerd.yaml)
+    assert part_sizes(n, (0.7, 0.1, 0.2)) == sizes
+
+
+def test_other_split_ratios_are_saved_apart_from_the_default_ones(tmp_path):
+    ids = [f"c{i}" for i in range(20)]
+    default = load_or_make_splits(tmp_path, ids)
+    other = load_or_make_splits(tmp_path, ids, ratios=(0.7, 0.1, 0.2))
+    assert [len(default[0][p]) for p in ("train", "val", "test")] == [12, 2, 6]
+    assert [len(other[0][p]) for p in ("train", "val", "test")] == [14, 2, 4]
+    assert sorted(p.name for p in tmp_path.glob("splits-*.json")) == [
+        "splits-5-seed0-0.7-0.1-0.2.json",
+        "splits-5-seed0.json",
+    ]
+
+
+@pytest.mark.parametrize("ratios", ["[0.6,0.1]", "[0.7,0.1,0.3]", "[0.9,0.1,0]"])
+def test_split_ratios_must_be_three_positive_fractions_summing_to_one(ratios):
+    from medexp.config.compose import compose_config
+    from medexp.config.validate import validate
+    from medexp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^split_ratios=.*: expected three positive fractions"):
+        validate(compose_config([f"split_ratios={ratios}"]))

@@ -133,6 +133,7 @@ def test_paper_setups_compose_as_the_papers_state():
     assert nerd.augment._target_.endswith("no_augmentation") and nerd.trainer.batch_size == 14
     assert (nerd.optim.weight_decay, nerd.lr, nerd.trainer.max_epochs) == (1e-6, 1e-3, 90)
     assert list(nerd.eval.metrics) == ["dice", "ldice", "ltpr", "lfpr", "lppv"]
+    assert list(nerd.split_ratios) == [0.7, 0.1, 0.2], "Sec. 3.1: 42/6/12 of 60 WMH volumes"
     la = compose_config(["experiment=nerd_la_512"])
     assert list(la.dataset.shape) == [290, 240] and list(la.model.channels) == [32, 64, 128, 256, 512]
     assert list(la.eval.metrics) == ["dice", "jaccard", "asd", "hd", "hd95"]

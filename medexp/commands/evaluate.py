@@ -14,7 +14,7 @@ import torch
 
 from medexp.config.build import build_dataset
 from medexp.data.loaders import make_loader
-from medexp.data.splits import load_or_make_splits, select
+from medexp.data.splits import load_or_make_splits, select, split_ratios
 from medexp.errors import ConfigError
 from medexp.evaluation.inference import evaluate
 from medexp.evaluation.summary import foreground_means, write_case_csv
@@ -39,7 +39,9 @@ def evaluate_run(run_id: str, split: str = "test", tracking_uri: str | None = No
     dataset = build_dataset(cfg)
     cases = dataset.prepare()
     info = dataset.info
-    parts = select(cases, load_or_make_splits(info.root, [c["id"] for c in cases], cfg.n_splits), cfg.split)
+    ids = [c["id"] for c in cases]
+    splits = load_or_make_splits(info.root, ids, cfg.n_splits, ratios=split_ratios(cfg))
+    parts = select(cases, splits, cfg.split)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     table = evaluate(
         run.model(device, info),

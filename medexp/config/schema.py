@@ -66,6 +66,7 @@ class TrainConfig:
     seed: int = MISSING
     split: int = MISSING
     n_splits: int = MISSING
+    split_ratios: list[float] = MISSING
     experiment_name: str = MISSING
     tracking_uri: str | None = MISSING
     output_root: str = MISSING

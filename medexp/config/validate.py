@@ -38,6 +38,13 @@ def validate(cfg: DictConfig) -> None:
     _check(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0, "lr", lr, "a positive number")
     _check(cfg.n_splits >= 1, "n_splits", cfg.n_splits, "an integer >= 1")
     _check(0 <= cfg.split < cfg.n_splits, "split", cfg.split, f"an integer in 0..{cfg.n_splits - 1}")
+    ratios = list(cfg.split_ratios)
+    _check(
+        len(ratios) == 3 and all(r > 0 for r in ratios) and math.isclose(sum(ratios), 1.0, abs_tol=1e-6),
+        "split_ratios",
+        ratios,
+        "three positive fractions (train, validation, test) that sum to 1",
+    )
     t = cfg.trainer
     for key in ("max_epochs", "devices", "batch_size", "val_every"):
         _check(t[key] >= 1, f"trainer.{key}", t[key], "an integer >= 1")

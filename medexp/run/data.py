@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from medexp.config.build import build_augmentation, build_dataset, instantiate
 from medexp.data.base import DatasetInfo
 from medexp.data.loaders import DeviceAugment, auto_num_workers, make_loader
-from medexp.data.splits import load_or_make_splits, select
+from medexp.data.splits import load_or_make_splits, select, split_ratios
 from medexp.run import dist
 from medexp.run.gpus import gpu_count
 
@@ -43,7 +43,8 @@ def job_data(cfg: DictConfig, ctx: dist.DistContext) -> JobData:
         dist.barrier(ctx)
     cases = dataset.prepare()
     info = dataset.info
-    splits = load_or_make_splits(info.root, [c["id"] for c in cases], cfg.n_splits)
+    ids = [c["id"] for c in cases]
+    splits = load_or_make_splits(info.root, ids, cfg.n_splits, ratios=split_ratios(cfg))
     if ctx.is_main:
         dist.barrier(ctx)
     parts = select(cases, splits, cfg.split)
