@@ -50,13 +50,23 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(workdir
     assert curve2 == pytest.approx(curve1, rel=2e-3), "same global batches, gradients averaged by DDP"
 
 
+def ctrl_c_reaches_it() -> None:
+    """In the child before exec: SIGINT as in a terminal. A shell without job control starts background
+    commands with SIGINT ignored, and Python then keeps it ignored, so a test run from such a shell (a CI
+    script's `cmd &`) would see a sweep that Ctrl-C cannot stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_until_checkpoint(
     args: list[str], workdir: Path, pattern: str
 ) -> tuple[subprocess.Popen, Path | None]:
     """Start `args` in workdir and wait (up to 300 s) until a file matching outputs/`pattern` is written
     after the process started; (process, that file or None if the process ended or time ran out)."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        args, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        preexec_fn=ctrl_c_reaches_it,
+    )  # fmt: skip
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         fresh = [p for p in (workdir / "outputs").glob(pattern) if p.stat().st_mtime > proc_start(proc)]

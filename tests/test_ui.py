@@ -161,20 +161,32 @@ def test_loopback_gets_no_warning(host: str):
     assert ui.exposure_warning(host) is None
 
 
-@pytest.mark.slow  # opens (creates) a sqlite store
-def test_serve_warns_on_stderr_before_starting_the_server(tmp_path: Path, monkeypatch, capsys):
+@pytest.mark.slow  # creates a sqlite store
+def test_serve_warns_and_marks_dead_runs_before_starting_the_server(tmp_path: Path, monkeypatch, capsys):
+    from medexp.tracking import liveness
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    tags = {liveness.HOST_TAG: socket.gethostname(), liveness.PID_TAG: str(ended.pid)}
+    run = client.create_run(client.create_experiment("dead"), tags=tags)  # RUNNING, its process gone
+    seen = {}
+
     class NotStarted(Exception):
         pass
 
     def refuse(command):  # stands in for the mlflow server: only the order of events matters here
+        seen["status"] = client.get_run(run.info.run_id).info.status
         raise NotStarted(command)
 
     monkeypatch.setattr(ui, "start", refuse)
+    capsys.readouterr()  # MLflow's own lines about creating the store
     with pytest.raises(NotStarted):
-        ui.serve(f"sqlite:///{tmp_path / 'mlflow.db'}", host="0.0.0.0", port=free_port(), announce=print)
+        ui.serve(uri, host="0.0.0.0", port=free_port(), announce=print)
     err = capsys.readouterr().err
     assert err.startswith("medexp ui: warning: --host 0.0.0.0") and "no authentication" in err
-    assert (tmp_path / "mlflow.db").exists(), "the store was opened (runs with a dead process marked) first"
+    assert seen["status"] == "KILLED", "runs whose process died are marked before the server starts"
 
 
 @pytest.mark.e2e
