@@ -175,7 +175,9 @@ def test_sigkill_then_one_resume_loses_nothing(scenarios, index: int):
     resume = result["resume"]
     assert resume.returncode == 0, resume.stderr[-3000:]
     if result["run_id"]:
-        assert result["status_after_kill"] == "RUNNING", "SIGKILL leaves no chance to close the run"
+        # SIGKILL leaves no chance to close the run; a concurrent scenario's command may already have
+        # marked it KILLED (every medexp command that opens the store does), never FINISHED or FAILED
+        assert result["status_after_kill"] in ("RUNNING", "KILLED")
         assert result["status_marked"] == "KILLED", "its process is gone: liveness marks it KILLED"
 
     client = MlflowClient(store_uri(cwd))
