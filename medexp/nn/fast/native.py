@@ -7,7 +7,11 @@ a home directory keeps one build per CPU type. Builds are written under a tempor
 concurrent ranks never load a half-written library.
 
 Functions are called through ctypes, which releases the GIL during the call, so `run_chunked` runs one
-range of the work per torch thread in parallel. Without a working compiler (or with MEDEXP_NATIVE=0)
+range of the work per torch thread in parallel. `SIGNATURES` declares every C function's argument and
+return types (ctypes' argtypes / restype), and `function` checks the argument count, so a call that does
+not match its C prototype (a Python float or a tensor of the other float type where a pointer to this
+type's floats is expected, an argument missing or too many) raises ctypes.ArgumentError / TypeError
+instead of handing C garbage. Without a working compiler (or with MEDEXP_NATIVE=0)
 `library()` returns None after one warning, `available()` is False and the callers use PyTorch operations:
 the same results, only slower.
 """
@@ -41,6 +45,28 @@ FLAG_SETS = (  # (compiler flags, libraries: after the source, for linkers that 
     (["-O3", "-fopenmp-simd", *SHARED], ["-lm"]),
 )
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}  # the C functions' name suffix per dtype
+C_REAL = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}  # REAL of that instance
+
+# The C functions' prototypes (csrc/*.h), for both instances (_f32, _f64): {name: (argument types, return
+# type)}. REAL stands for a pointer to the instance's floating type (float* / double*), SIZES for a C
+# array of longs (`c_sizes`); ctypes converts Python ints to C long / int where declared so, and rejects
+# anything else.
+REAL, SIZES = "REAL*", ctypes.POINTER(ctypes.c_long)
+_L, _I = ctypes.c_long, ctypes.c_int
+SIGNATURES: dict[str, tuple[tuple, type]] = {
+    "gabor_rows": ((*[REAL] * 10, _L, _I, _L, _L), _I),
+    "gabor_rows_backward": ((*[REAL] * 17, _L, _I, _L, _L), _I),
+    "gabor_expand": ((REAL, REAL, REAL, _L, _L, _I, _I, _I, _L, _L), _I),
+    "gabor_expand_backward": ((REAL, REAL, REAL, REAL, _L, _L, _I, _I, _I, _L, _L), _I),
+    "gabor_conv_backward": ((*[REAL] * 5, _L, _L, _L, _I, _I, SIZES, _L, _L, _L), _I),
+    "gabor_spectrum": ((REAL, REAL, REAL, _L, _L, _L, _I, _I, SIZES, _L, _L), _I),
+    "gabor_spectrum_backward": ((*[REAL] * 4, _L, _L, _L, _I, _I, SIZES, _L, _L), _I),
+    "spectral_table_length": ((_I, SIZES), _L),
+    "spectral_tables": ((REAL, REAL, REAL, _L, _L, _L, _I, _I, SIZES, _L, _L), _I),
+    "spectral_forward": ((REAL, REAL, REAL, _L, _L, _L, _I, SIZES, _L, _L), _I),
+    "spectral_backward_input": ((REAL, REAL, REAL, _L, _L, _L, _I, SIZES, _L, _L), _I),
+    "spectral_backward_kernel": ((*[REAL] * 5, _L, _L, _L, _L, _I, _I, SIZES, _L, _L), _I),
+}
 BLOCK = 16  # BW of csrc/separable.c: channel pairs per block (one AVX-512 register of floats)
 MIN_PER_THREAD = 2048  # pairs; with fewer per thread one call on this thread (a wake-up costs more)
 
@@ -99,7 +125,7 @@ def library(name: str = "separable") -> ctypes.CDLL | None:
         return None
     try:
         path = _build(name, compiler)
-        return ctypes.CDLL(str(path)) if path else None
+        return declare(ctypes.CDLL(str(path))) if path else None
     except OSError as err:  # unwritable cache directory, a library the loader rejects
         warnings.warn(f"medexp: could not build or load csrc/{name}.c ({err}); using PyTorch", stacklevel=2)
         return None
@@ -116,17 +142,43 @@ def available(t: Tensor) -> bool:
     )
 
 
-def function(name: str, dtype: torch.dtype):
-    """The C function `name` for `dtype`, e.g. gabor_expand_f32."""
-    return getattr(library(), f"{name}_{SUFFIX[dtype]}")
+def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """lib with argtypes and restype set on both instances of every function in SIGNATURES."""
+    for name, (args, result) in SIGNATURES.items():
+        for dtype, suffix in SUFFIX.items():
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes = [ctypes.POINTER(C_REAL[dtype]) if a is REAL else a for a in args]
+            fn.restype = result
+    return lib
 
 
-def pointer(t: Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
+class CFunction:
+    """A declared C function that also rejects extra arguments (ctypes passes any beyond argtypes on)."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.__name__, self.arity = fn, fn.__name__, len(fn.argtypes)
+
+    def __call__(self, *args):
+        if len(args) != self.arity:
+            raise TypeError(f"{self.__name__} takes {self.arity} arguments ({len(args)} given)")
+        return self.fn(*args)
+
+
+def function(name: str, dtype: torch.dtype) -> CFunction:
+    """The C function `name` for `dtype`, e.g. gabor_expand_f32, as declared in SIGNATURES."""
+    if name not in SIGNATURES:
+        raise KeyError(f"medexp: C function {name!r} has no entry in native.SIGNATURES")
+    return CFunction(getattr(library(), f"{name}_{SUFFIX[dtype]}"))
+
+
+def pointer(t: Tensor):
+    """A pointer to t's first element typed by t's dtype (float* or double*): a C function of the other
+    instance rejects it."""
+    return ctypes.cast(t.data_ptr(), ctypes.POINTER(C_REAL[t.dtype]))
 
 
 def longs(*values: int) -> list[ctypes.c_long]:
-    """C longs (ctypes passes bare Python ints as int)."""
+    """C longs (the declared functions also take plain ints)."""
     return [ctypes.c_long(v) for v in values]
 
 
