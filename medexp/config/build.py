@@ -2,19 +2,15 @@
 
 Components are chosen by `_target_` in the config groups (the config tree is the registry). A config the
 user composed on the command line is trusted input: its `_target_`s are built as given, so a user's own
-network (`model._target_=mypkg.Net`) works. A config read back from a checkpoint or an MLflow run is data
-from elsewhere: `check_allowed` refuses it, before anything is built, unless every `_target_` lies under
-ALLOWED_PREFIXES or a prefix the user adds with the environment variable MEDEXP_TRUSTED_TARGETS
-(comma-separated, e.g. "mypkg.,otherpkg.models.").
+network (`model._target_=mypkg.Net`) works. A config read back from a checkpoint, a start record or an
+MLflow model is data from elsewhere: it reaches these functions only through
+medexp.config.untrusted.load_config, which refuses interpolations and every `_target_` outside an exact list.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
-import os
-from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
@@ -26,28 +22,7 @@ from torch import nn
 from medexp.data.ignore import IgnoreLabelLoss
 from medexp.errors import ConfigError
 
-ALLOWED_PREFIXES = ("medexp.", "monai.", "torch.")
-TRUSTED_TARGETS_ENV = "MEDEXP_TRUSTED_TARGETS"
 SPATIAL_LOSSES = ("medexp.losses.BoundaryWeightedCrossEntropyLoss",)  # need every voxel's label (ignore.py)
-_trusted_now: list[str] = []  # targets of a config trusted for the moment (`trusting`)
-
-
-def allowed_prefixes() -> tuple[str, ...]:
-    """ALLOWED_PREFIXES plus the user's own from $MEDEXP_TRUSTED_TARGETS."""
-    extra = [p.strip() for p in os.environ.get(TRUSTED_TARGETS_ENV, "").split(",") if p.strip()]
-    return (*ALLOWED_PREFIXES, *extra, *_trusted_now)
-
-
-@contextlib.contextmanager
-def trusting(cfg: DictConfig) -> Iterator[None]:
-    """Inside the block, configs naming only `cfg`'s targets pass `check_allowed`: for reading back, in the
-    same process, what the user's own command line built (MLflow validates a logged model by loading it)."""
-    added = [target for _, target in _targets(OmegaConf.to_container(cfg, resolve=False))]
-    _trusted_now.extend(added)
-    try:
-        yield
-    finally:
-        del _trusted_now[len(_trusted_now) - len(added) :]
 
 
 @cache
@@ -83,18 +58,6 @@ def _targets(node: Any, path: str = "") -> list[tuple[str, str]]:
     if isinstance(node, list):
         return [t for i, v in enumerate(node) for t in _targets(v, f"{path}[{i}]")]
     return []
-
-
-def check_allowed(cfg: DictConfig, source: str) -> None:
-    """Refuse a config read back from `source` (a checkpoint file, an MLflow run) if any `_target_` lies
-    outside the allowlist: one line naming the key and the target; nothing is built or run."""
-    prefixes = allowed_prefixes()
-    for key, target in _targets(OmegaConf.to_container(cfg, resolve=False)):
-        if not target.startswith(prefixes):
-            raise ConfigError(
-                f"{source}: {key}._target_={target} is outside the allowlist ({', '.join(prefixes)}); "
-                f"set {TRUSTED_TARGETS_ENV} to trust it"
-            )
 
 
 def instantiate(node: DictConfig | None, key: str, **kwargs: Any) -> Any:

@@ -2,9 +2,10 @@
 MLflow run id" into the run's config, checkpoint state and network. `medexp train resume=...`,
 `medexp evaluate` and `medexp predict` all start here.
 
-A checkpoint's config is data from elsewhere: it is refused, before anything is built, when one of its
-`_target_`s lies outside the allowlist (medexp.config.build.check_allowed), and checkpoints are read with
-torch.load(weights_only=True), so no pickled code runs.
+A checkpoint's or start record's config is data from elsewhere: it is refused, before anything is built or
+resolved, when it holds an interpolation or a `_target_` outside the exact list
+(medexp.config.untrusted.load_config), and checkpoints are read with torch.load(weights_only=True), so no
+pickled code runs.
 
 Resume (docs/design.md §9) continues from the newest complete checkpoint. Before the first one exists, the
 job's start record (`medexp_run.json`, written by the Hydra job before anything else, or Hydra's own
@@ -26,12 +27,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from medexp.config.build import build_dataset, build_model, check_allowed
-from medexp.config.flat import from_yaml
+from medexp.config.build import build_dataset, build_model
+from medexp.config.untrusted import check_plain, load_config
 from medexp.data.base import DatasetInfo
 from medexp.errors import DataError
 from medexp.run import checkpoint
-from medexp.tracking.liveness import take_over
+from medexp.tracking.liveness import hold_run_folder, take_over
 from medexp.tracking.runs import find_output_dir, run_of_output_dir
 from medexp.tracking.store import resolve_uri
 from medexp.tracking.sweep import PARENT_FILE
@@ -77,8 +78,24 @@ class RestoredRun:
         """The run's network with the checkpoint's weights, on `device`, in eval mode."""
         info = info or self.dataset_info()
         net = build_model(self.cfg, info.in_channels, info.num_classes, info.spatial_dims)
-        net.load_state_dict(self.state["model"])
+        load_weights(net, self.state["model"], self.path)
         return net.to(device).eval()
+
+
+def load_weights(net: nn.Module, weights: dict[str, torch.Tensor], source: Path | str | None) -> None:
+    """`net.load_state_dict(weights)`, with weights that do not fit the network (another architecture, a
+    checkpoint whose config and weights disagree) refused in one line naming the file.
+
+    Raises:
+        DataError: missing or unexpected keys, or a tensor of another shape.
+    """
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as err:
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise DataError(
+            f"{source}: its weights do not fit the network its config builds ({first[:300]})"
+        ) from err
 
 
 def result_overrides(task_overrides: list[str]) -> list[str]:
@@ -118,8 +135,7 @@ def restore(
 
 def _read(path: Path, device: torch.device | str = "cpu") -> RestoredRun:
     state = checkpoint.load(path, map_location=device)
-    cfg = from_yaml(state["config"])
-    check_allowed(cfg, str(path))
+    cfg = load_config(state["config"], path)  # refused before anything is resolved or built
     return RestoredRun(cfg=cfg, state=state, output_dir=path.parent.parent, path=path)
 
 
@@ -139,19 +155,21 @@ def _read_record(folder: Path) -> dict[str, Any] | None:
     creating the folder and the job's first line), else None."""
     record = folder / RECORD_FILE
     if record.exists():
-        return json.loads(record.read_text())
+        return {**json.loads(record.read_text()), "source": str(record)}
     hydra_dir = folder / ".hydra"
     if not (hydra_dir / "config.yaml").exists() or not (hydra_dir / "hydra.yaml").exists():
         return None
-    hydra = OmegaConf.load(hydra_dir / "hydra.yaml").hydra
+    hydra = OmegaConf.to_container(OmegaConf.load(hydra_dir / "hydra.yaml"), resolve=False)["hydra"]
     parent = folder.parent / PARENT_FILE
-    multirun = str(hydra.mode) == "MULTIRUN" and parent.exists()
+    multirun = str(hydra["mode"]) == "MULTIRUN" and parent.exists()
     job = {
-        "choices": {k: v for k, v in hydra.runtime.choices.items()},
-        "overrides": result_overrides([str(o) for o in hydra.overrides.task]),
+        "choices": dict(hydra["runtime"]["choices"]),
+        "overrides": result_overrides([str(o) for o in hydra["overrides"]["task"]]),
         "parent_run_id": json.loads(parent.read_text())["run_id"] if multirun else None,
     }
-    return {"config": (hydra_dir / "config.yaml").read_text(), "job": job}
+    check_plain(job, str(hydra_dir / "hydra.yaml"))  # read, never resolved: no `${` allowed
+    config = hydra_dir / "config.yaml"
+    return {"config": config.read_text(), "job": job, "source": str(config)}
 
 
 def newest_checkpoint(folder: Path) -> Path | None:
@@ -183,12 +201,15 @@ def restore_for_resume(source: str, uri: str | None = None) -> RestoredRun:
     """`resume=source` (a checkpoint file, an output folder or an MLflow run id): the run at its newest
     complete checkpoint, or, killed before the first one, its start record (state None).
 
-    The process that will own the run (rank 0; every process without torchrun) also removes stale temp
-    files, makes best.pt match a last.pt whose epoch was the best (a kill between the two writes), and
-    checks that no live process of this host still trains the run (liveness.take_over).
+    The process that will own the run (rank 0; every process without torchrun) first locks the run's
+    folder for its lifetime (liveness.hold_run_folder: a second resume is refused while this one lives,
+    from before its data preparation), then removes stale temp files, makes best.pt match a last.pt whose
+    epoch was the best (a kill between the two writes), and checks that the run may be reopened and
+    records itself as its owner (liveness.take_over).
 
     Raises:
-        DataError: nothing to resume there, a refused checkpoint, or the run's process is still alive.
+        DataError: nothing to resume there, a refused checkpoint, another process owns the run, the run
+            is FINISHED or is not in the store.
         ConfigError: the stored config has a `_target_` outside the allowlist.
     """
     path = Path(source)
@@ -200,6 +221,7 @@ def restore_for_resume(source: str, uri: str | None = None) -> RestoredRun:
         restored = _read(newest) if newest else _from_record(folder, source, uri)
     if int(os.environ.get("RANK", "0")) != 0:
         return restored
+    hold_run_folder(restored.output_dir)
     checkpoint.remove_stale_temp(restored.output_dir / "checkpoints")
     _repair_best(restored)
     if restored.run_id:
@@ -215,8 +237,7 @@ def _from_record(folder: Path, source: str, uri: str | None) -> RestoredRun:
     record = _read_record(folder)
     if record is None:
         raise DataError(f"{source}: nothing to resume: no checkpoint and no {RECORD_FILE} in {folder}")
-    cfg = from_yaml(record["config"])
-    check_allowed(cfg, str(folder / RECORD_FILE))
+    cfg = load_config(record["config"], record["source"], own_interpolations=True)  # may be unresolved
     if Path(source).exists():
         store = resolve_uri(uri or cfg.tracking_uri)
         run_id = run_of_output_dir(folder, cfg.experiment_name, store)
