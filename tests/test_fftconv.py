@@ -17,7 +17,7 @@ from medexp.nn.fast.spectrum import kernel_spectrum
 
 def assert_close_scaled(got, want, rtol=2e-5):
     """Float32 agreement relative to the tensor's scale (FFT rounding spreads over all outputs)."""
-    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs().max()) + 1e-7)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.detach().abs().max()) + 1e-7)
 
 
 def grads(fn, *tensors, seed=0):

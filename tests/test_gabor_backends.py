@@ -103,7 +103,7 @@ def assert_matches_reference(layer, x, impl: str, rtol: float) -> torch.Tensor:
         assert out.is_contiguous(memory_format=fast.backend.format_of(want))
     for name, got in {"output": out, **grads}.items():
         expected = want if name == "output" else want_grads[name]
-        scale = float(expected.abs().max())
+        scale = float(expected.detach().abs().max())
         torch.testing.assert_close(
             got, expected, rtol=rtol, atol=rtol * scale, msg=lambda m, n=name: f"{n}: {m}"
         )
@@ -190,8 +190,10 @@ def test_every_impl_runs_under_cpu_bfloat16_autocast(impl, fused, monkeypatch):
         grads = torch.autograd.grad(out, [xs, *layer.parameters()], g.to(out.dtype))
         for name, got, expected in zip(want_grads, grads, want_grads.values(), strict=True):
             assert got.dtype == torch.float32, name
-            torch.testing.assert_close(got, expected, rtol=0.01, atol=0.01 * float(expected.abs().max()))
-        torch.testing.assert_close(out.float(), want, rtol=0.01, atol=0.01 * float(want.abs().max()))
+            torch.testing.assert_close(
+                got, expected, rtol=0.01, atol=0.01 * float(expected.detach().abs().max())
+            )
+        torch.testing.assert_close(out.float(), want, rtol=0.01, atol=0.01 * float(want.detach().abs().max()))
 
 
 def test_weight_or_spectrum_is_kept_in_evaluation_only(monkeypatch):

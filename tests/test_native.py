@@ -1,14 +1,20 @@
 """The Python-C boundary of medexp's C kernels (medexp.nn.fast.native): every C function is declared, a
-call that does not match its prototype raises instead of corrupting memory."""
+call that does not match its prototype raises instead of corrupting memory, and MEDEXP_REQUIRE_NATIVE=1
+(set by CI) turns a missing compiler or a failed build into an error instead of a fallback."""
 
 from __future__ import annotations
 
 import ctypes
+import os
 import re
+import stat
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from medexp.errors import ConfigError
 from medexp.nn.fast import native
 
 needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler")
@@ -69,3 +75,63 @@ def test_a_tensor_of_the_other_float_type_is_rejected():
         native.function("gabor_undeclared", torch.float32)
     with pytest.raises(KeyError):
         native.pointer(torch.zeros(1, dtype=torch.int64))  # no C instance for integers
+
+
+LAYER_RUN = """
+import torch
+from medexp.nn.gabor import GaborConv3d
+torch.manual_seed(0)
+layer, x = GaborConv3d(2, 3, 5, impl="direct"), torch.randn(1, 2, 6, 6, 6)
+print(float((layer(x) - layer.reference(x)).abs().max()))
+"""
+
+
+def _run_layer(tmp_path, **env: str) -> subprocess.CompletedProcess:
+    """A Gabor layer's forward in a fresh interpreter, with a fresh build cache and the given variables."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MEDEXP_")} | env
+    environ["MEDEXP_CACHE_DIR"] = str(tmp_path / "cache")  # nothing built yet: the compiler is needed
+    return subprocess.run(
+        [sys.executable, "-c", LAYER_RUN], env=environ, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_require_native_turns_a_missing_compiler_into_an_error(tmp_path):
+    required = _run_layer(tmp_path, CC="/nonexistent", MEDEXP_REQUIRE_NATIVE="1")
+    assert required.returncode != 0 and required.stdout == ""
+    last = required.stderr.strip().splitlines()[-1]
+    assert last == (
+        "medexp.errors.ConfigError: MEDEXP_REQUIRE_NATIVE=1 but medexp's C kernels are unavailable: "
+        "no C compiler '/nonexistent' on PATH (set CC)"
+    )
+    # CONTROL: without the switch the same run warns, falls back to PyTorch and gives the reference
+    fallback = _run_layer(tmp_path, CC="/nonexistent")
+    assert fallback.returncode == 0, fallback.stderr
+    assert "no C compiler '/nonexistent' on PATH (set CC); using PyTorch" in fallback.stderr
+    assert float(fallback.stdout) < 1e-5
+
+
+def test_require_native_turns_a_failed_build_and_native_off_into_errors(tmp_path, monkeypatch):
+    broken = tmp_path / "broken-cc"
+    broken.write_text("#!/bin/sh\necho 'broken-cc: cannot compile' >&2\nexit 1\n")
+    broken.chmod(broken.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setenv("MEDEXP_CACHE_DIR", str(tmp_path / "cache"))
+    native.library.cache_clear()
+    try:
+        monkeypatch.setenv("MEDEXP_REQUIRE_NATIVE", "1")
+        with pytest.raises(
+            ConfigError, match=r"unavailable: could not compile .*broken-cc: cannot compile\)$"
+        ):
+            native.library()
+        with pytest.raises(ConfigError, match="unavailable"):
+            native.available(torch.zeros(1))  # every caller meets the error, none falls back
+        monkeypatch.setenv("MEDEXP_NATIVE", "0")
+        with pytest.raises(ConfigError, match="contradicts MEDEXP_NATIVE=0"):
+            native.library()
+        # CONTROL: the switch off, the same compiler only warns
+        monkeypatch.delenv("MEDEXP_NATIVE")
+        monkeypatch.setenv("MEDEXP_REQUIRE_NATIVE", "0")
+        with pytest.warns(UserWarning, match="could not compile .*broken-cc: cannot compile"):
+            assert native.library() is None
+    finally:
+        native.library.cache_clear()

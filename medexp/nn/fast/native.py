@@ -6,14 +6,17 @@ where the key hashes the sources, the flags, the compiler and the CPU model, so 
 a home directory keeps one build per CPU type. Builds are written under a temporary name and renamed, so
 concurrent ranks never load a half-written library.
 
+Without a working compiler (or with MEDEXP_NATIVE=0) `library()` returns None after one warning,
+`available()` is False and the callers use PyTorch operations: the same results, only slower. With
+MEDEXP_REQUIRE_NATIVE=1 (CI sets it) a missing compiler, a failed build or MEDEXP_NATIVE=0 raise
+medexp.errors.ConfigError instead, so that the C kernels' tests cannot skip and pass without them.
+
 Functions are called through ctypes, which releases the GIL during the call, so `run_chunked` runs one
 range of the work per torch thread in parallel. `SIGNATURES` declares every C function's argument and
 return types (ctypes' argtypes / restype), and `function` checks the argument count, so a call that does
 not match its C prototype (a Python float or a tensor of the other float type where a pointer to this
 type's floats is expected, an argument missing or too many) raises ctypes.ArgumentError / TypeError
-instead of handing C garbage. Without a working compiler (or with MEDEXP_NATIVE=0)
-`library()` returns None after one warning, `available()` is False and the callers use PyTorch operations:
-the same results, only slower.
+instead of handing C garbage.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from medexp.errors import ConfigError
 
 SOURCES = Path(__file__).resolve().parent / "csrc"
 # -fopenmp-simd honours the `#pragma omp simd` loops without linking an OpenMP runtime (torch has its own).
@@ -109,25 +114,34 @@ def _build(name: str, compiler: str) -> Path | None:
         os.unlink(tmp)
         errors.append(done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"])
     reason = errors[-1][0]
-    message = f"medexp: could not compile {source} with {compiler} ({reason}); using PyTorch"
-    warnings.warn(message, stacklevel=3)
+    _fall_back(f"could not compile {source} with {compiler} ({reason})", stacklevel=4)
     return None
+
+
+def _fall_back(problem: str, stacklevel: int = 3) -> None:
+    """Warn that the PyTorch operations replace the C kernels, or raise with MEDEXP_REQUIRE_NATIVE=1."""
+    if os.environ.get("MEDEXP_REQUIRE_NATIVE", "0") == "1":
+        raise ConfigError(f"MEDEXP_REQUIRE_NATIVE=1 but medexp's C kernels are unavailable: {problem}")
+    warnings.warn(f"medexp: {problem}; using PyTorch", stacklevel=stacklevel)
 
 
 @cache
 def library(name: str = "separable") -> ctypes.CDLL | None:
-    """The loaded C library csrc/<name>.c, or None (MEDEXP_NATIVE=0, or no working C compiler)."""
+    """The loaded C library csrc/<name>.c, or None (MEDEXP_NATIVE=0, or no working C compiler; with
+    MEDEXP_REQUIRE_NATIVE=1 those raise ConfigError)."""
     if os.environ.get("MEDEXP_NATIVE", "1") == "0":
+        if os.environ.get("MEDEXP_REQUIRE_NATIVE", "0") == "1":
+            raise ConfigError("MEDEXP_REQUIRE_NATIVE=1 contradicts MEDEXP_NATIVE=0; unset one of them")
         return None
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
-        warnings.warn(f"medexp: no C compiler {compiler!r} on PATH; using PyTorch", stacklevel=2)
+        _fall_back(f"no C compiler {compiler!r} on PATH (set CC)")
         return None
     try:
         path = _build(name, compiler)
         return declare(ctypes.CDLL(str(path))) if path else None
     except OSError as err:  # unwritable cache directory, a library the loader rejects
-        warnings.warn(f"medexp: could not build or load csrc/{name}.c ({err}); using PyTorch", stacklevel=2)
+        _fall_back(f"could not build or load csrc/{name}.c ({err})")
         return None
 
 
