@@ -21,8 +21,20 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from medexp import __version__
+
+        print(f"medexp {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """medexp: compose kernel, loss, head, model and dataset from Hydra configs; train, evaluate, report."""
 
 
@@ -38,35 +50,64 @@ def fail(command: str, err: Exception, code: int = 2) -> None:
 )
 def train(ctx: typer.Context) -> None:
     """Train (Hydra overrides; -m for a multirun; --help for Hydra's help)."""
-    import hydra
-
     from medexp.config.compose import check
-    from medexp.config.registry import CONF_DIR
 
     args = list(ctx.args)
     try:
         jobs = check(args)  # before torch, MONAI and MLflow are imported: a user error is quick
     except USER_ERRORS as err:
         fail("train", err)
-    from medexp.run.job import hydra_job
+    if _prints_only(args):  # --cfg, --info, --help: Hydra prints and never calls the job (nor callbacks)
+        _hydra_main(_no_job, args)
+        return
+    from medexp.run.job import hydra_job  # torch, MONAI, MLflow: only for a run
     from medexp.tracking.sweep import SweepParentRun
 
     os.environ["MEDEXP_SWEEP_SIZE"] = str(jobs)  # for "job i/N" in every job's progress line
-    main = hydra.main(config_path=str(CONF_DIR), config_name="train", version_base=None)(hydra_job)
-    saved = sys.argv
-    sys.argv = ["medexp train", *args]
     try:
-        main()
+        _hydra_main(hydra_job, args)
     except KeyboardInterrupt:
         SweepParentRun.abandon("KILLED")  # the running job's own run is already KILLED (train.py)
         raise
     except BaseException:  # e.g. Hydra's SystemExit(1) when a job's config cannot be composed mid-sweep
         SweepParentRun.abandon("FAILED")
         raise
-    finally:
-        sys.argv = saved
     if SweepParentRun.failures:
         raise typer.Exit(1)
+
+
+def _hydra_main(task, args: list[str]) -> None:
+    """Run `task` as a @hydra.main app over conf/train.yaml with `args` as its command line."""
+    import hydra
+
+    from medexp.config.registry import CONF_DIR
+
+    main = hydra.main(config_path=str(CONF_DIR), config_name="train", version_base=None)(task)
+    saved = sys.argv
+    sys.argv = ["medexp train", *args]
+    try:
+        main()
+    finally:
+        sys.argv = saved
+
+
+PRINT_FLAGS = ("--cfg", "-c", "--info", "-i")
+
+
+def _prints_only(args: list[str]) -> bool:
+    """Whether Hydra only prints for these arguments (a config, its info or its help) and runs no job."""
+    from medexp.config.compose import split_args
+
+    return split_args(args)[2] or any(a.split("=")[0] in PRINT_FLAGS for a in args)
+
+
+def _no_job(cfg) -> None:
+    """The task function for `--cfg`/`--info`/`--help`, which Hydra never calls: importing the real one
+    (medexp.run.job) would load torch, MONAI and MLflow for a printout."""
+    raise AssertionError("Hydra runs no job for --cfg, --info or --help")
+
+
+_no_job.__module__ = "medexp.run.job"  # Hydra names the job after the module: `job`, as for a run
 
 
 def main() -> None:

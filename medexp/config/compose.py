@@ -9,11 +9,15 @@ experiment or the chosen sweeper declares in `hydra.sweeper.params` are checked 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra._internal.hydra import Hydra
+from hydra._internal.utils import create_config_search_path
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Glob, IntervalSweep
@@ -26,6 +30,11 @@ from medexp.errors import ConfigError
 
 HELP_FLAGS = {"--help", "-h", "--hydra-help", "--shell-completion", "-sc"}
 INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # `--info defaults`
+VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-dir", "-cd", "--config-name", "-cn")
+# Where compose_config looks: Hydra's `--config-dir` folders (searched before conf/, as Hydra prepends them)
+# and its `--config-name`, set by `searching` while `check` runs.
+_EXTRA_DIRS: tuple[Path, ...] = ()
+_CONFIG_NAME = "train"
 
 
 def split_args(args: list[str]) -> tuple[list[str], bool, bool]:
@@ -36,9 +45,7 @@ def split_args(args: list[str]) -> tuple[list[str], bool, bool]:
     """
     overrides, previous = [], ""
     for a in args:
-        is_value = previous in ("--cfg", "-c", "--package", "-p") or (
-            previous in ("--info", "-i") and a in INFO_TOPICS
-        )
+        is_value = previous in VALUE_FLAGS or (previous in ("--info", "-i") and a in INFO_TOPICS)
         if not a.startswith("-") and not is_value:  # `--cfg job`: "job" is the flag's value
             overrides.append(a)
         previous = a
@@ -50,13 +57,44 @@ def split_args(args: list[str]) -> tuple[list[str], bool, bool]:
 def compose_config(overrides: list[str], hydra_cfg: bool = False) -> DictConfig:
     """Compose conf/train.yaml with overrides (Hydra's compose API; used for checks and `medexp params`)."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+    with contextlib.ExitStack() as stack:
+        if _EXTRA_DIRS:  # as Hydra's --config-dir: prepended to the search path, so it wins over conf/
+            search = create_config_search_path(str(CONF_DIR))
+            for folder in reversed(_EXTRA_DIRS):
+                search.prepend("command-line", f"file://{folder}")
+            Hydra.create_main_hydra2(task_name="app", config_search_path=search)
+        else:
+            stack.enter_context(initialize_config_dir(config_dir=str(CONF_DIR), version_base=None))
         try:
-            return compose("train", overrides=overrides, return_hydra_config=hydra_cfg)
+            return compose(_CONFIG_NAME, overrides=overrides, return_hydra_config=hydra_cfg)
         except Exception as err:  # Hydra/OmegaConf errors are multi-line: reduce to one line
             raise ConfigError(_one_line(err, overrides)) from err
         finally:
             GlobalHydra.instance().clear()
+
+
+@contextlib.contextmanager
+def searching(args: list[str]):
+    """Compose as Hydra will for these `medexp train` arguments: with their `--config-dir` (-cd) folder
+    searched first and their `--config-name` (-cn) as the primary config."""
+    global _EXTRA_DIRS, _CONFIG_NAME
+    saved = _EXTRA_DIRS, _CONFIG_NAME
+    extra, name = [], "train"
+    for flag, value in zip(args, [*args[1:], None], strict=True):
+        key, eq, inline = flag.partition("=")
+        value = inline if eq else value
+        if key in ("--config-dir", "-cd") and value is not None:
+            folder = Path(value).expanduser().resolve()
+            if not folder.is_dir():
+                raise ConfigError(f"--config-dir {value}: no such folder ({folder})")
+            extra.append(folder)
+        elif key in ("--config-name", "-cn") and value is not None:
+            name = value
+    _EXTRA_DIRS, _CONFIG_NAME = tuple(extra), name
+    try:
+        yield
+    finally:
+        _EXTRA_DIRS, _CONFIG_NAME = saved
 
 
 def check(args: list[str]) -> int:
@@ -73,6 +111,11 @@ def check(args: list[str]) -> int:
     overrides, multirun, helping = split_args(args)
     if helping:
         return 1
+    with searching(args):
+        return _check(args, overrides, multirun)
+
+
+def _check(args: list[str], overrides: list[str], multirun: bool) -> int:
     printing = any(a in ("--cfg", "-c", "--info", "-i") for a in args)
     sweeps: dict[str, list[str]] = {}
     fixed: list[str] = []
@@ -83,7 +126,7 @@ def check(args: list[str]) -> int:
         values = _sweep_values(o) if o.is_sweep_override() else None
         if values is not None and not multirun:
             raise ConfigError(f"{o.input_line}: a sweep needs -m (--multirun)")
-        if o.key_or_group in groups() and not o.is_delete():
+        if o.key_or_group in groups(_EXTRA_DIRS) and not o.is_delete():
             for value in values or [o.value()]:
                 _check_choice(o.key_or_group, str(value))
         if values is not None:
@@ -96,7 +139,7 @@ def check(args: list[str]) -> int:
         for key, value in (OmegaConf.select(base, "hydra.sweeper.params") or {}).items():
             if key not in sweeps:
                 sweeps[key] = _sweep_values(_parse(f"{key}={value}"), f"hydra.sweeper.params.{key}")
-                if key in groups():
+                if key in groups(_EXTRA_DIRS):
                     for v in sweeps[key]:
                         _check_choice(key, v)
         trials = OmegaConf.select(base, "hydra.sweeper.n_trials")
@@ -105,12 +148,12 @@ def check(args: list[str]) -> int:
                 f"{intervals[0]}: an interval needs a sweeper that samples it, e.g. hydra/sweeper=optuna"
             )
         jobs = int(trials) if trials is not None else math.prod(len(v) for v in sweeps.values())
-    from medexp.config.build import check_importable  # imports torch: not for --help
-
     for variant in _variants(fixed, sweeps):
         cfg = compose_config(variant)
         validate(cfg)
-        if not printing:
+        if not printing:  # importing the targets loads torch: not for --cfg or --info, which print only
+            from medexp.config.build import check_importable
+
             check_importable(cfg)
     return jobs
 
@@ -134,7 +177,7 @@ def _sweep_values(o, where: str | None = None) -> list[str]:
     if isinstance(value, IntervalSweep):
         return [f"{value.start}", f"{value.end}"]
     if isinstance(value, Glob):
-        choices = group_choices(o.key_or_group) if o.key_or_group in groups() else []
+        choices = group_choices(o.key_or_group, _EXTRA_DIRS) if o.key_or_group in groups(_EXTRA_DIRS) else []
         matched = value.filter(choices)
         if not matched:
             raise ConfigError(f"{where or o.input_line}: matches no choice; allowed: {', '.join(choices)}")
@@ -154,7 +197,7 @@ def _variants(fixed: list[str], sweeps: dict[str, list[str]]) -> Iterator[list[s
 
 
 def _check_choice(group: str, value: str) -> None:
-    choices = group_choices(group)
+    choices = group_choices(group, _EXTRA_DIRS)
     if value not in choices and value != "null":
         raise ConfigError(f"{group}={value}: unknown choice; allowed: {', '.join(choices)}")
 
@@ -184,7 +227,7 @@ def _one_line(err: Exception, overrides: list[str]) -> str:
 
 
 def _keys_of(parent: str, overrides: list[str]) -> list[str]:
-    groups_only = [o for o in overrides if o.split("=")[0].lstrip("+~") in groups()]
+    groups_only = [o for o in overrides if o.split("=")[0].lstrip("+~") in groups(_EXTRA_DIRS)]
     try:
         cfg = compose_config(groups_only)
     except ConfigError:

@@ -20,15 +20,23 @@ NOT_GROUPS = ("hydra",)
 
 
 @cache
-def groups() -> tuple[str, ...]:
-    """The config groups: every folder of conf/ that holds choices, sorted."""
-    found = (p.name for p in CONF_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
+def groups(extra_dirs: tuple[Path, ...] = ()) -> tuple[str, ...]:
+    """The config groups: every folder of conf/ (and of each `--config-dir` in `extra_dirs`) that holds
+    choices, sorted."""
+    found = {
+        p.name
+        for d in (*extra_dirs, CONF_DIR)
+        if d.is_dir()
+        for p in d.iterdir()
+        if p.is_dir() and any(p.glob("*.yaml"))
+    }
     return tuple(sorted(g for g in found if g not in NOT_GROUPS and not g.startswith(("_", "."))))
 
 
-def group_choices(group: str) -> list[str]:
-    """The choices of a config group: the YAML files in conf/<group>/, sorted."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+def group_choices(group: str, extra_dirs: tuple[Path, ...] = ()) -> list[str]:
+    """The choices of a config group: the YAML files in conf/<group>/ and in <dir>/<group>/ of each
+    `--config-dir` (which Hydra searches first), sorted."""
+    return sorted({p.stem for d in (*extra_dirs, CONF_DIR) for p in (d / group).glob("*.yaml")})
 
 
 def experiment_files() -> list[Path]:

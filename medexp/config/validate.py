@@ -12,8 +12,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig
 
 from medexp.errors import ConfigError
-from medexp.evaluation.metrics import SUPPORTED
-from medexp.nn.fast import IMPLS
+from medexp.evaluation.names import DISTANCE_DEFINITIONS, SUPPORTED  # names only: no torch, no MONAI
+from medexp.nn.impls import IMPLS
 
 ACCELERATORS = ("auto", "cpu", "cuda")
 PRECISIONS = ("32", "bf16", "fp16")

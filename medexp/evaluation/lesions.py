@@ -15,7 +15,8 @@ import math
 import numpy as np
 from scipy import ndimage
 
-LESION_METRICS = ("ldice", "ltpr", "lfpr", "lppv")
+from medexp.evaluation.names import LESION_METRICS  # noqa: F401 - re-exported; defined without numpy
+
 NAN = math.nan
 
 

@@ -42,8 +42,8 @@ from medexp.nn.fast.generate import native_weight, torch_weight
 from medexp.nn.fast.gradient import fused_gradient_conv, fused_gradient_pays
 from medexp.nn.fast.product import FUSED_MAX_TILES, fused_product, stored_product
 from medexp.nn.fast.spectrum import kernel_spectrum, native_spectrum
+from medexp.nn.impls import IMPLS  # the names, importable without torch (config validation)
 
-IMPLS = ("auto", "reference", "direct", "direct_contiguous", "fft")
 MARGIN = 0.9  # "auto" leaves "direct" only for an implementation at least 10% faster: noise cannot hurt
 COST_MODEL_DEVICES = ("cpu",)  # where the FFT tile plan comes from the fitted cost model, not timing
 _AUTO_CHOICE: dict[tuple, str] = {}  # auto key -> impl
