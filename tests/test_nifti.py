@@ -112,7 +112,8 @@ def test_geometry_is_kept_in_world_coordinates(tmp_path):
     make_folder(tmp_path / "data", 3, "nnunet")
     ds = NiftiDataset(root=str(tmp_path / "data"), shape=[16, 16, 16], cache_dir=str(tmp_path / "c"))
     case = ds.prepare()[1]
-    record = json.loads((Path(ds.info.root) / "cases" / "case1.json").read_text())
+    (record_file,) = (Path(ds.info.root) / "cases").glob("case1-*.json")  # <id>-<hash of its files>
+    record = json.loads(record_file.read_text())
     original = nib.load(tmp_path / "data" / "labelsTr" / "case1.nii")
     before = original.affine @ np.r_[np.argwhere(original.get_fdata() == 1).mean(0), 1]
     after_label = np.load(case["label"])[0]

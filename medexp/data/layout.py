@@ -17,6 +17,7 @@ nnU-Net's own commands take it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -125,6 +126,12 @@ def resolve_root(root: str | None) -> Path:
     return found[0]
 
 
+def nnunet_id(folder: str | Path) -> str | None:
+    """The nnU-Net dataset id of a `Dataset<ID>_<name>` folder ("42" for Dataset042_Phantom), else None."""
+    match = re.match(r"^Dataset(?P<id>\d{3})_", Path(folder).name)
+    return str(int(match["id"])) if match else None
+
+
 def discover(root: str | None, layout: str = "auto", modalities: list[str] | None = None) -> Layout:
     """The cases of the folder `root`.
 
@@ -163,6 +170,7 @@ def discover(root: str | None, layout: str = "auto", modalities: list[str] | Non
         _from_manifest(found, training)
     else:
         _scan(found, modalities)
+    unique_ids(found)
     if not found.cases and not found.problems:
         raise DataError(f"{path}: no image/label pairs found: {_EXPECTED}")
     return found
@@ -205,9 +213,12 @@ def _from_manifest(found: Layout, training: list) -> None:
             if not image.exists() and channels and not found.channel_files:
                 found.channel_files = [c.name[len(stem) + 1 : len(stem) + 5] for c in channels]
             if not image.exists() and not channels:
-                problems.append(f"{_rel(image, found.root)}: listed in dataset.json but not found")
+                why = link_problem(image) or "listed in dataset.json but not found"
+                problems.append(f"{_rel(image, found.root)}: {why}")
+        problems += [f"{_rel(p, found.root)}: {link_problem(p)}" for p in images if link_problem(p)]
         if not label.exists():
-            problems.append(f"{_rel(label, found.root)}: listed in dataset.json but not found")
+            why = link_problem(label) or "listed in dataset.json but not found"
+            problems.append(f"{_rel(label, found.root)}: {why}")
         if problems:
             found.problems.append(
                 CaseReport(case_id, [_rel(p, found.root) for p in [*images, label]], problems=problems)
@@ -223,22 +234,29 @@ def _scan(found: Layout, modalities: list[str] | None) -> None:
     label_dir = next((root / d for d in LABEL_DIRS if (root / d).is_dir()), None)
     if image_dir is None or label_dir is None:
         raise DataError(f"{root}: no image/label pairs found: {_EXPECTED}")
-    labels = {
-        strip_suffix(f.name, endings): f
-        for f in sorted(label_dir.iterdir())
-        if strip_suffix(f.name, endings) is not None
-    }
+    labels: dict[str, Path] = {}
+    for f in _files(found, label_dir):
+        stem = strip_suffix(f.name, endings)
+        if stem in labels:
+            _two_files(found, stem, labels[stem], f)
+        else:
+            labels[stem] = f
     channels: dict[str, dict[str | None, Path]] = {}
     orphans: list[Path] = []
-    for f in sorted(image_dir.iterdir()):
+    for f in _files(found, image_dir):
         stem = strip_suffix(f.name, endings)
-        match = CHANNEL.match(stem or "")
+        match = CHANNEL.match(stem)
         if stem in labels:
-            channels.setdefault(stem, {})[None] = f
+            case, channel = stem, None
         elif match and match["case"] in labels:
-            channels.setdefault(match["case"], {})[match["channel"]] = f
-        elif stem is not None:
+            case, channel = match["case"], match["channel"]
+        else:
             orphans.append(f)
+            continue
+        if channel in channels.get(case, {}):  # c0.nii and c0.nii.gz: one would silently replace the other
+            _two_files(found, case, channels[case][channel], f)
+        else:
+            channels.setdefault(case, {})[channel] = f
     names = list(modalities) if modalities else sorted({c for chans in channels.values() for c in chans if c})
     found.channel_names = found.channel_names or names
     found.channel_files = names if any(c for chans in channels.values() for c in chans) else []
@@ -246,6 +264,72 @@ def _scan(found: Layout, modalities: list[str] | None) -> None:
         found.problems.append(_orphan(f, names, label_dir.name, found))
     for case_id, label in labels.items():
         _add_case(found, case_id, label, channels.get(case_id, {}), names, image_dir)
+
+
+def _files(found: Layout, folder: Path) -> list[Path]:
+    """The image or label files of `folder`, sorted; a symbolic link that leads nowhere (a loop, or a
+    missing target) is a problem of its own instead (os.stat on it would raise ELOOP or ENOENT)."""
+    files = []
+    for f in sorted(folder.iterdir()):
+        if strip_suffix(f.name, found.endings) is None:
+            continue
+        why = link_problem(f)
+        if why:
+            rel = _rel(f, found.root)
+            stem = strip_suffix(f.name, found.endings)
+            found.problems.append(CaseReport(stem, [rel], problems=[f"{rel}: {why}"]))
+        else:
+            files.append(f)
+    return files
+
+
+def link_problem(path: Path) -> str | None:
+    """Why `path` cannot be read although its name is there (a symbolic link loop or a dangling link), or
+    None. Path.exists() reads both as "no such file", which hides the cause."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop (the link leads back to itself); remove or fix the link"
+        if os.path.islink(path):
+            return f"symbolic link to {os.readlink(path)}, which does not exist"
+    return None
+
+
+def _two_files(found: Layout, case_id: str, first: Path, second: Path) -> None:
+    """Two files of one case in one folder that differ only in their ending (c0.nii and c0.nii.gz): which
+    one is the case is not known, so neither is guessed."""
+    a, b = _rel(first, found.root), _rel(second, found.root)
+    problem = f"{b}: same case as {a} (case id {case_id}); keep one of the two files"
+    found.problems.append(CaseReport(case_id, [a, b], problems=[problem]))
+
+
+def unique_ids(found: Layout) -> None:
+    """Give every case a distinct id (docs/design.md §8, "Case ids").
+
+    An id is the label file's name without its ending. Where two different label files share that name
+    (two sites: `siteA/labelsTr/c0`, `siteB/labelsTr/c0`), each of them takes its path relative to the data
+    folder instead (`siteA/labelsTr/c0`), so neither case hides the other in the splits or the cache. The same
+    label file listed twice (dataset.json) is one case: the repeated entries are problems naming both.
+    """
+    by_id: dict[str, list[CaseFiles]] = {}
+    for case in found.cases:
+        by_id.setdefault(case.id, []).append(case)
+    kept, seen = [], {}
+    for case in found.cases:
+        label = os.path.normcase(os.path.abspath(case.label))
+        if label in seen:
+            first = seen[label]
+            files = [_rel(p, found.root) for p in (first.label, case.label)]
+            why = f"{files[1]}: listed twice in dataset.json (case id {first.id}); list each case once"
+            found.problems.append(CaseReport(first.id, files, problems=[why]))
+            continue
+        seen[label] = case
+        if len({os.path.normcase(os.path.abspath(c.label)) for c in by_id[case.id]}) > 1:
+            rel = _rel(case.label, found.root)
+            case.id = rel[: len(rel) - len(_suffix(case.label.name, found.endings))].replace(os.sep, "/")
+        kept.append(case)
+    found.cases = kept
 
 
 def _orphan(image: Path, channel_names: list[str], label_dir: str, found: Layout) -> CaseReport:

@@ -12,8 +12,10 @@ only read. Any problem stops `prepare()` with a DataError before a training run 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from medexp.data import cache_io
@@ -23,10 +25,19 @@ from medexp.data.labels import class_values, ignore_value
 from medexp.data.layout import Layout, class_table, discover, parse_labels
 from medexp.data.reading import outside_labels, read_case, track
 from medexp.data.records import CaseFiles, CaseReport
+from medexp.data.sizes import (
+    DEFAULT_MAX_VOXELS,
+    Header,
+    check_max_voxels,
+    preprocessed_shape,
+    read_header,
+    too_large,
+)
 from medexp.data.transforms import FITS, NORMALIZATIONS, preprocess_case
 from medexp.errors import ConfigError, DataError
 
-VERSION = 1  # bump when the cached arrays change meaning
+VERSION = 2  # bump when the cached arrays change meaning (2: case files keyed by a hash of their sources)
+MAX_NAME = 100  # characters of a dataset name: it names the cache folder, MLflow inputs and tags
 
 
 class NiftiDataset:
@@ -50,6 +61,8 @@ class NiftiDataset:
             resize; Wong & Moradi 3.1), "crop" (centre crop, padding where smaller; NeRD 3.2) or "resize"
             (straight resize; Nair et al.); see medexp.data.transforms.fit_to_target.
         cache_dir: where preprocessed cases and splits go; default outputs/cache (under the working dir).
+        max_voxels: most voxels one file may hold as stored, and one case after resampling and padding
+            (both known from the header before anything is read; medexp.data.sizes).
     """
 
     def __init__(
@@ -68,6 +81,7 @@ class NiftiDataset:
         normalize: str = "zscore",
         cache_dir: str | None = None,
         fit: str = "pad_resize",
+        max_voxels: int = DEFAULT_MAX_VOXELS,
     ) -> None:
         self.root = root
         self.name = name
@@ -83,6 +97,7 @@ class NiftiDataset:
         self.normalize = normalize
         self.fit = fit
         self.cache_dir = cache_dir or "outputs/cache"
+        self.max_voxels = max_voxels
         self.stats = {"preprocessed": 0, "reused": 0, "read": 0}
         self._info: DatasetInfo | None = None
 
@@ -139,6 +154,10 @@ class NiftiDataset:
         """One image (C, *spatial) with its (4, 4) affine, preprocessed as the training cases were (for
         `medexp predict`): (image (C, *shape), the affine of that grid)."""
         dims = image.ndim - 1
+        header = Header(tuple(image.shape[1:]), np.linalg.norm(affine[:dims, :dims], axis=0).tolist())
+        if dims == 3:
+            header.world_axes = [int(a) for a in nib.orientations.io_orientation(affine)[:, 0]]
+        self._check_prepared_size("the image", header, dims, int(image.shape[0]))
         label = np.zeros((1, *image.shape[1:]), dtype=np.uint8)
         out, _, record = preprocess_case(
             image, label, affine, target=self._target(dims), spacing=self._pixdim(dims),
@@ -159,11 +178,61 @@ class NiftiDataset:
         key = cache_io.hash(
             {"settings": self._settings(), "root": str(found.root.resolve()), "files": files}
         )[:12]
-        cache = Path(self.cache_dir).resolve() / f"{cache_io.safe(self.name or found.name)}-{key}"
+        self._root = found.root
+        cache = Path(self.cache_dir).resolve() / f"{cache_io.safe(self._name(found))}-{key}"
         (cache / "cases").mkdir(parents=True, exist_ok=True)
         cache_io.remove_stale_temp(cache)  # writes a killed run left half done
         cache_io.write_json(cache / "settings.json", {"root": str(found.root.resolve()), **self._settings()})
         return found, cache
+
+    def _name(self, found: Layout) -> str:
+        """dataset.name, else dataset.json "name" or the folder name; at most MAX_NAME characters."""
+        name = self.name or found.name
+        if len(str(name)) > MAX_NAME:
+            where = "dataset.name" if self.name else f"{found.root / 'dataset.json'} name (or folder name)"
+            raise DataError(
+                f"{where}: {len(str(name))} characters, at most {MAX_NAME}; set a shorter dataset.name"
+            )
+        return str(name)
+
+    def _case_file(self, case: CaseFiles) -> str:
+        """The cache files' stem of a case, `cases/<id>-<hash>`: the hash of its source files (relative to
+        the data folder) keeps two cases apart even if their ids look alike after `safe` (the folder key
+        holds the preprocessing settings)."""
+        sources = [str(Path(p).relative_to(self._root)) for p in [*case.images, case.label]]
+        return f"cases/{cache_io.safe(case.id)[-80:]}-{cache_io.hash(sources)[:12]}"
+
+    def _size_report(self, case: CaseFiles, found: Layout) -> CaseReport | None:
+        """The report of a case with a file over dataset.max_voxels, from the headers alone (stored size,
+        and for volumes the size after resampling and padding), or None when every file fits."""
+        problems, shown = [], None
+        for path in [*case.images, case.label]:
+            name = str(Path(path).relative_to(found.root))
+            header = read_header(path)
+            if header is None:
+                continue
+            shown = shown or header
+            problem = too_large(name, header.shape, header.voxels, self.max_voxels, "header size")
+            if not problem and path != case.label and not is_2d_file(path):
+                dims = min(3, len(header.shape))
+                try:
+                    self._check_prepared_size(name, header, dims, math.prod(header.shape[dims:]))
+                except DataError as err:
+                    problem = str(err)
+            problems += [problem] if problem else []
+        if not problems:
+            return None
+        files = [str(Path(p).relative_to(found.root)) for p in [*case.images, case.label]]
+        return CaseReport(case.id, files, list(shown.shape[:3]), spacing=shown.spacing, problems=problems)
+
+    def _check_prepared_size(self, name: str, header: Header, dims: int, channels: int) -> None:
+        """DataError if preprocessing would make more than dataset.max_voxels voxels of this image."""
+        shape = preprocessed_shape(header, self._pixdim(dims), self.orientation, self._target(dims), self.fit)
+        what = "resampled" + (f" to {self.spacing} mm" if self.spacing is not None else "") + " and padded"
+        hint = ", or choose a coarser dataset.spacing"
+        problem = too_large(name, shape, math.prod(shape) * channels, self.max_voxels, what, hint)
+        if problem:
+            raise DataError(problem)
 
     def _check_options(self) -> None:
         choices = {
@@ -179,6 +248,7 @@ class NiftiDataset:
             raise ConfigError(
                 f"dataset.shape={self.shape}: expected {self.spatial_dims} sizes (dataset.spatial_dims)"
             )
+        check_max_voxels(self.max_voxels)
         if self.slice_axis not in (0, 1, 2):
             raise ConfigError(f"dataset.slice_axis={self.slice_axis}: expected 0, 1 or 2")
         spacing = cache_io.plain(self.spacing) if cache_io.is_seq(self.spacing) else [self.spacing]
@@ -217,13 +287,17 @@ class NiftiDataset:
         return outside_labels(report.files[-1], report.values, lut, where)
 
     def _verdict(self, case: CaseFiles, found: Layout, cache: Path):
-        """(report, data or None): the cached verdict if the files are unchanged, else read and check them."""
-        path = cache / "cases" / f"{case.id}.json"
+        """(report, data or None): the cached verdict if the files are unchanged, else read and check them.
+        A file over dataset.max_voxels is refused from its header first, every time (the limit may change)."""
+        too_large = self._size_report(case, found)
+        if too_large:
+            return too_large, None
+        path = cache / f"{self._case_file(case)}.json"
         record = cache_io.read_json(path)
         fingerprint = cache_io.fingerprint(case, found.root)
         if record and record.get("fingerprint") == fingerprint:
             return CaseReport.from_dict(record["report"]), None
-        data = read_case(case, found.root, found.channels_4d)
+        data = read_case(case, found.root, found.channels_4d, self.max_voxels)
         self.stats["read"] += 1
         cache_io.write_json(
             path, {"fingerprint": fingerprint, "report": data.report.to_dict(), "original": data.original}
@@ -261,14 +335,14 @@ class NiftiDataset:
 
     def _ensure_preprocessed(self, case: CaseFiles, found: Layout, cache: Path, lut) -> None:
         """Reuse the cached arrays of a case if they are current, else read and preprocess it again."""
-        prep = cache_io.read_json(cache / "cases" / f"{case.id}.json").get("prep") or {}
+        prep = cache_io.read_json(cache / f"{self._case_file(case)}.json").get("prep") or {}
         # the record is written after the arrays, with their sizes: a half-written case is redone, not read
         current = prep.get("key") == self._prep_key(lut)
         if current and cache_io.complete(cache, prep["files"], prep.get("sizes")):
             self.stats["reused"] += 1
             return
         self.stats["read"] += 1
-        self._preprocess(case, cache, lut, read_case(case, found.root, found.channels_4d))
+        self._preprocess(case, cache, lut, read_case(case, found.root, found.channels_4d, self.max_voxels))
 
     def _preprocess(self, case: CaseFiles, cache: Path, lut, data) -> None:
         """Map label values to classes, preprocess, write the arrays and the record into the case's JSON."""
@@ -284,9 +358,9 @@ class NiftiDataset:
             normalize=self.normalize,
             fit=self.fit,
         )
-        path = cache / "cases" / f"{case.id}.json"
+        path = cache / f"{self._case_file(case)}.json"
         record = cache_io.read_json(path)
-        files = self._save_arrays(cache, case.id, image, label)
+        files = self._save_arrays(cache, self._case_file(case), image, label)
         record["prep"] = {"key": self._prep_key(lut), "files": files, "record": steps}
         record["prep"]["sizes"] = cache_io.sizes(cache, files)
         cache_io.write_json(path, record)
@@ -312,15 +386,16 @@ class NiftiDataset:
             spacing[self.slice_axis] = -1  # keep the slices as acquired: no interpolated slices
         return spacing
 
-    def _save_arrays(self, cache: Path, case_id: str, image: np.ndarray, label: np.ndarray) -> list[str]:
+    def _save_arrays(self, cache: Path, stem: str, image: np.ndarray, label: np.ndarray) -> list[str]:
         """Write the case (and its slices) as .npy; returns the file names relative to the cache folder."""
-        files = [f"cases/{case_id}_image.npy", f"cases/{case_id}_label.npy"]
+        files = [f"{stem}_image.npy", f"{stem}_label.npy"]
         cache_io.save_npy(cache / files[0], image)
         cache_io.save_npy(cache / files[1], label)
         if self.spatial_dims == 2 and image.ndim == 4:
             axis = self.slice_axis + 1  # (C, X, Y, Z): spatial axis k is array axis k + 1
             for k in range(image.shape[axis]):
-                pair = [f"slices/{case_id}_s{k:03d}_image.npy", f"slices/{case_id}_s{k:03d}_label.npy"]
+                name = stem.replace("cases/", "slices/", 1)
+                pair = [f"{name}_s{k:03d}_image.npy", f"{name}_s{k:03d}_label.npy"]
                 cache_io.save_npy(cache / pair[0], np.take(image, k, axis=axis))  # (C, *in-plane)
                 cache_io.save_npy(cache / pair[1], np.take(label, k, axis=axis))  # (1, *in-plane)
                 files += pair
@@ -335,14 +410,14 @@ class NiftiDataset:
         """
         cases, spacings = [], []
         for case in found.cases:
-            prep = cache_io.read_json(cache / "cases" / f"{case.id}.json")["prep"]
+            prep = cache_io.read_json(cache / f"{self._case_file(case)}.json")["prep"]
             files = [str(cache / f) for f in prep["files"]]
             own = [float(s) for s in prep["record"]["spacing"]]
             item = {"id": case.id, "image": files[0], "label": files[1], "spacing": own}
             if len(files) > 2:
                 item["slices"] = [
                     {
-                        "id": Path(files[i]).name[: -len("_image.npy")],
+                        "id": f"{case.id}_s{(i - 2) // 2:03d}",
                         "image": files[i],
                         "label": files[i + 1],
                         "volume": case.id,
@@ -359,7 +434,7 @@ class NiftiDataset:
             cases.append(item)
         channels = [r.channels for r in reports if r.channels]
         self._info = DatasetInfo(
-            name=self.name or found.name,
+            name=self._name(found),
             num_classes=len(lut[1]),
             label_names=list(lut[1]),
             in_channels=max(set(channels), key=channels.count),

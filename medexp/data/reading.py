@@ -25,6 +25,7 @@ import numpy as np
 
 from medexp.data.images2d import is_2d_file, read_2d
 from medexp.data.records import CaseData, CaseFiles, CaseReport, fmt_values
+from medexp.data.sizes import DEFAULT_MAX_VOXELS, stored_problem
 from medexp.errors import DataError
 
 SPACING_RTOL = 1e-3
@@ -113,19 +114,22 @@ def _orientation_change(a: np.ndarray, r: np.ndarray, ref_name: str) -> str:
     return f"axis directions differ from {ref_name} by up to {angle:.2f} degrees"
 
 
-def read_case(case: CaseFiles, root: Path, channels_4d: int = 1) -> CaseData:
+def read_case(
+    case: CaseFiles, root: Path, channels_4d: int = 1, max_voxels: int = DEFAULT_MAX_VOXELS
+) -> CaseData:
     """Read and check every file of a case; all problems go into the report, none raises.
 
     Args:
         case: its image file(s) and label map.
         root: the data folder (problems name files relative to it).
         channels_4d: channels a single 4D image may hold (MSD modalities); 1 means 4D images are a problem.
+        max_voxels: a file whose header states more voxels is a problem, and is not read.
     """
     names = [_relative(p, root) for p in [*case.images, case.label]]
     report = CaseReport(case.id, files=names)
     allow = channels_4d if len(case.images) == 1 else 1
-    images = [_load(p, n, report, allow) for p, n in zip(case.images, names, strict=False)]
-    label = _load(case.label, names[-1], report, 0)
+    images = [_load(p, n, report, allow, max_voxels) for p, n in zip(case.images, names, strict=False)]
+    label = _load(case.label, names[-1], report, 0, max_voxels)
     ok = [x for x in images if x is not None]
     if ok:
         report.shape, report.spacing = list(ok[0][0].shape[1:]), ok[0][2]
@@ -162,12 +166,15 @@ def read_case(case: CaseFiles, root: Path, channels_4d: int = 1) -> CaseData:
     return data
 
 
-def read_images(paths: list[Path], channels: int) -> tuple[np.ndarray, np.ndarray]:
+def read_images(
+    paths: list[Path], channels: int, max_voxels: int = DEFAULT_MAX_VOXELS
+) -> tuple[np.ndarray, np.ndarray]:
     """The image of one case for inference: its channel files (or one 4D file) checked as in training.
 
     Args:
         paths: one file per channel, in input order, or one file holding `channels` channels.
         channels: the input channels the model takes.
+        max_voxels: a file whose header states more voxels is refused before its voxels are read.
 
     Returns:
         (image (C, *spatial) float32, (4, 4) affine of the first file).
@@ -179,7 +186,8 @@ def read_images(paths: list[Path], channels: int) -> tuple[np.ndarray, np.ndarra
     report = CaseReport(paths[0].name)
     names = [str(p) for p in paths]
     loaded = [
-        _load(p, n, report, channels if len(paths) == 1 else 1) for p, n in zip(paths, names, strict=True)
+        _load(p, n, report, channels if len(paths) == 1 else 1, max_voxels)
+        for p, n in zip(paths, names, strict=True)
     ]
     if not report.problems:
         for x, n in zip(loaded[1:], names[1:], strict=False):
@@ -198,12 +206,18 @@ def read_images(paths: list[Path], channels: int) -> tuple[np.ndarray, np.ndarra
     return image, loaded[0][1]
 
 
-def _load(path: Path, name: str, report: CaseReport, channels: int):
+def _load(path: Path, name: str, report: CaseReport, channels: int, max_voxels: int = DEFAULT_MAX_VOXELS):
     """(array, affine, spacing, dtype) of one file, or None with the problems added to `report`.
 
     Images (channels >= 1) come back as (C, *spatial) float32; labels (channels=0) as (*spatial) in their
-    stored type. A volume holds 3 spatial axes (2D files: 2); trailing axes of size 1 are dropped.
+    stored type. A volume holds 3 spatial axes (2D files: 2); trailing axes of size 1 are dropped. A header
+    stating more than `max_voxels` voxels is a problem before anything else is read (a small .nii.gz may
+    inflate to gigabytes: medexp.data.sizes).
     """
+    too_large = stored_problem(path, name, max_voxels)
+    if too_large:
+        report.problems.append(too_large)
+        return None
     try:
         if is_2d_file(path):
             array, affine, spacing = read_2d(path), np.eye(4), [1.0, 1.0]

@@ -7,14 +7,17 @@ every run of a split - in any process, on any node - sees the same cases.
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from medexp.data.cache_io import write_json
-from medexp.errors import DataError
+from medexp.errors import ConfigError, DataError
 
 RATIOS = (0.6, 0.1, 0.3)
+MAX_SPLITS = 1000  # each split is a stored shuffle of every case id: 1000 of 1000 cases is ~10 MB of JSON
 
 
 def split_ratios(cfg) -> tuple[float, float, float]:
@@ -31,11 +34,57 @@ def part_sizes(num_cases: int, ratios: tuple[float, float, float] = RATIOS) -> t
     return num_cases - n_val - n_test, n_val, n_test
 
 
+def check_n_splits(
+    n_splits: int, num_cases: int | None = None, ratios: tuple[float, float, float] = RATIOS
+) -> None:
+    """n_splits is at most MAX_SPLITS and, given the cases, at most the number of distinct train/val/test
+    splits they have, n! / (n_train! n_val! n_test!): more shuffles than that can only repeat splits.
+
+    Raises:
+        ConfigError: naming n_splits, its value and the bound.
+    """
+    if n_splits > MAX_SPLITS:
+        raise ConfigError(
+            f"n_splits={n_splits}: expected at most {MAX_SPLITS} splits (shuffles of the cases)"
+        )
+    if num_cases is None:
+        return
+    n_train, n_val, _ = part_sizes(num_cases, ratios)
+    distinct = math.comb(num_cases, n_train) * math.comb(num_cases - n_train, n_val)
+    if n_splits > distinct:
+        raise ConfigError(
+            f"n_splits={n_splits}: {num_cases} cases have only {distinct} distinct train/val/test splits "
+            f"at split_ratios={list(ratios)}; expected n_splits <= {distinct}"
+        )
+
+
+def check_unique_ids(cases: list[dict]) -> None:
+    """Every case id once: a repeated id would put one case in two parts of a split (a test case trained on)
+    and make one hide the other wherever cases are looked up by id.
+
+    Raises:
+        DataError: the first repeated id and the image files of its cases.
+    """
+    counts = Counter(str(c["id"]) for c in cases)
+    repeated = next((i for i, n in counts.items() if n > 1), None)
+    if repeated is not None:
+        files = ", ".join(str(c["image"]) for c in cases if str(c["id"]) == repeated)
+        raise DataError(
+            f"case id {repeated!r} names {counts[repeated]} cases ({files}); case ids must be unique"
+        )
+
+
 def make_splits(
     case_ids: list[str], n_splits: int = 5, seed: int = 0, ratios: tuple[float, float, float] = RATIOS
 ) -> list[dict[str, list[str]]]:
     """n_splits independent shuffles of the sorted case ids, each cut into train/val/test by `ratios`."""
+    repeated = [i for i, n in Counter(case_ids).items() if n > 1]
+    if repeated:
+        raise DataError(
+            f"case id {repeated[0]!r} occurs {case_ids.count(repeated[0])} times; ids must be unique"
+        )
     ids = sorted(case_ids)
+    check_n_splits(n_splits, len(ids), ratios)
     n_train, n_val, _ = part_sizes(len(ids), ratios)
     splits = []
     for k in range(n_splits):
