@@ -1,243 +1,263 @@
-"""Write docs/results.md from a finished study sweep: the Fig. 3 and Table 1 analogues of `medexp report`
-(PNG and tables), the numbers behind the trends, the exact command, its wall time and the spread over
-splits, all read from the MLflow store; the prose about the trends goes where the page marks it.
+"""The pre-registered claims study (conf/experiment/study_claims.yaml): its runs table and its page.
 
-    medexp train -m experiment=study_cpu         # the study (about 90 minutes on a 2-core CPU)
-    python scripts/study_results.py              # its latest sweep -> docs/results.md + docs/results/
+    python scripts/study_results.py export --tracking-uri URI      # MLflow store -> docs/results/runs.csv
+    python scripts/study_results.py page                           # runs.csv -> docs/results.md
 
-Options: --tracking-uri (default: medexp's store), --experiment (study_cpu), --sweep PARENT_RUN_ID (default:
-the experiment's latest sweep), --lr (Table 1's learning rate, 1e-3), --out (docs/results.md; the report's
-files go to a folder `results/` next to it). The page is rewritten on every call; prose written between
-the PROSE markers of an existing page is kept.
+`export` reads every run of the experiment (one row each: the cell, status, test and floor Dice, every
+label's test Dice and test-case size, the validation curve, best epoch, convergence, commit); `page`
+rebuilds the generated part of docs/results.md from runs.csv alone, so anyone can regenerate or audit the
+page without the store. The verdicts follow from medexp.report.claims (the pre-registered rules).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import math
-import os
-import platform
 import re
-import sys
+import statistics
+import tempfile
 from pathlib import Path
 
-import yaml
+from medexp.report.claims import (
+    SPLITS,
+    Verdict,
+    best_epoch,
+    claim_a,
+    claim_b,
+    is_converged,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from medexp.report.aggregate import LR_REL_TOL  # noqa: E402
-from medexp.report.make import make_report  # noqa: E402
-from medexp.report.tables import lr_label  # noqa: E402
-from medexp.tracking import queries  # noqa: E402
-from medexp.tracking.store import client, resolve_uri  # noqa: E402
-
-PROSE = {
-    "lr": "the learning-rate trends: PCC vs Dice vs CE (cf. the paper's Fig. 3 and Sec. 3.2)",
-    "kernels": "conventional vs mixed vs Gabor at lr 1e-3, with their parameter counts (cf. Table 1)",
-    "splits": "the spread over splits",
-}
-SETUP_KEYS = [
-    ("dataset", "dataset._target_"), ("shape", "dataset.shape"), ("cases", "dataset.num_cases"),
-    ("splits", "n_splits"), ("epochs", "trainer.max_epochs"), ("batch", "trainer.batch_size"),
-    ("devices", "trainer.devices"), ("network", "model._target_"), ("widths", "model.channels"),
-    ("Gabor kernel", "kernel.gabor_size"), ("optimiser", "optim._target_"),
-    ("augmentation", "augment._target_"), ("metrics", "eval.metrics"),
+RUNS = ROOT / "docs" / "results" / "runs.csv"
+PAGE = ROOT / "docs" / "results.md"
+BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
+SMALL_VOXELS = 25  # labels this small (mean voxels in the test cases) are reported apart
+BASE_COLUMNS = [
+    "run_id", "sweep_id", "kernel", "loss", "lr", "split", "status", "diverged", "epochs", "best_epoch",
+    "best_val_dice", "converged", "test_dice", "floor_dice", "num_parameters", "train_seconds", "commit",
 ]  # fmt: skip
 
 
-def latest_sweep(uri: str, experiment: str) -> str:
-    experiments = queries.list_experiments(uri)
-    if experiment not in experiments:
-        raise SystemExit(f"study_results: no experiment {experiment!r} in {uri} (run the study first)")
-    parents = [
-        r
-        for r in queries.search_runs(uri, [experiments[experiment]])
-        if r["tags"].get("sweep_id") == r["run_id"]
-    ]
-    if not parents:
-        raise SystemExit(f"study_results: experiment {experiment!r} has no sweep (medexp train -m ...)")
-    return max(parents, key=lambda r: r["start_time"])["run_id"]
+# --- export: the store -> runs.csv -------------------------------------------------------------------
 
 
-def sweep_command(sweep_dir: str | None) -> str:
-    """`medexp train -m <overrides>` as typed, from the sweep folder's multirun.yaml (Hydra writes it)."""
-    path = Path(sweep_dir or "") / "multirun.yaml"
-    if not sweep_dir or not path.exists():
-        return "medexp train -m experiment=study_cpu  (command not recorded: multirun.yaml missing)"
-    task = yaml.safe_load(path.read_text())["hydra"]["overrides"]["task"]
-    return " ".join(["medexp train -m", *task])
+def export(uri: str, experiment: str, out: Path) -> Path:
+    """One row per run of `experiment` in the store at `uri`, written to `out` (CSV)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise SystemExit(f"study_results: no experiment {experiment!r} in {uri}")
+    runs = [r for r in client.search_runs([found.experiment_id], max_results=5000) if "kernel" in r.data.tags]
+    rows = [_row(client, run) for run in sorted(runs, key=lambda r: r.info.start_time)]
+    labels = sorted({k.split("/", 1)[1] for row in rows for k in row if k.startswith("test_dice/")})
+    columns = BASE_COLUMNS + [f"test_dice/{n}" for n in labels] + [f"test_voxels/{n}" for n in labels]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*columns, "val_curve"])
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"{len(rows)} runs -> {out}")
+    return out
 
 
-def duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min {secs:02d} s" if hours else f"{minutes} min {secs:02d} s"
+def _row(client, run) -> dict:
+    tags, metrics = run.data.tags, run.data.metrics
+    history = client.get_metric_history(run.info.run_id, "val/dice_mean")
+    by_epoch = {m.step: m.value for m in history}
+    curve = [by_epoch.get(e, math.nan) for e in range(1, max(by_epoch, default=0) + 1)]
+    row = {
+        "run_id": run.info.run_id, "sweep_id": tags.get("sweep_id", ""), "kernel": tags["kernel"],
+        "loss": tags.get("loss", ""), "lr": tags.get("lr", ""), "split": tags.get("split", ""),
+        "status": run.info.status, "diverged": tags.get("diverged", ""), "epochs": len(curve),
+        "best_epoch": best_epoch(curve) or "", "best_val_dice": max(curve, default=math.nan),
+        "converged": is_converged(curve), "test_dice": metrics.get("test/dice_mean", math.nan),
+        "floor_dice": metrics.get("floor/dice_mean", math.nan),
+        "num_parameters": run.data.params.get("model.num_parameters", ""),
+        "train_seconds": tags.get("train_seconds", ""), "commit": tags.get("mlflow.source.git.commit", ""),
+        "val_curve": ";".join(f"{v:.6g}" for v in curve),
+    }  # fmt: skip
+    for key, value in metrics.items():
+        if key.startswith("test/dice/") and not key.endswith("_n"):
+            row[f"test_dice/{key.split('/', 2)[2]}"] = value
+    row.update(_test_voxels(client, run.info.run_id))
+    return row
 
 
-def machine() -> str:
-    model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        platform.processor() or "unknown CPU",
-    ) if Path("/proc/cpuinfo").exists() else platform.processor()  # fmt: skip
-    return f"{model}, {os.cpu_count()} logical cores, {platform.system()}"
+def _test_voxels(client, run_id: str) -> dict:
+    """Mean voxels of every label over the run's test cases, from its test_metrics.csv artifact."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, "test_metrics.csv", tmp)
+        except Exception:  # a run that never reached its test (killed, diverged before best.pt)
+            return {}
+        per_label: dict[str, list[float]] = {}
+        with open(path) as f:
+            for line in csv.DictReader(f):
+                per_label.setdefault(line["label"], []).append(float(line["true_voxels"]))
+    return {f"test_voxels/{k}": statistics.fmean(v) for k, v in per_label.items()}
 
 
-def kept_prose(path: Path) -> dict[str, str]:
-    """Prose the lead wrote between the markers of an existing page, by key."""
-    if not path.exists():
-        return {}
-    found = re.findall(r"<!-- PROSE:(\w+) -->\n(.*?)\n<!-- /PROSE -->", path.read_text(), flags=re.S)
-    return {key: text for key, text in found if "TO BE WRITTEN" not in text}
+# --- page: runs.csv -> docs/results.md ------------------------------------------------------------
 
 
-def table_body(markdown: str) -> str:
-    """A report table without its '# ' title (the page gives its own headings)."""
-    return "\n".join(line for line in markdown.splitlines() if not line.startswith("# ")).strip()
-
-
-def trend_rows(figure_csv: list[dict], rates: list[float]) -> list[str]:
-    """Per kernel and loss: the best lr and how much the Dice falls from it to the extreme rates."""
-    lines = [
-        "| kernel | loss | best lr | Dice at best | best - Dice at 1e-4 | best - Dice at 1e-2 |",
-        "|---|---|---|---:|---:|---:|",
-    ]
-    series: dict[tuple[str, str], dict[float, float]] = {}
-    for row in figure_csv:
-        if row["dice_mean"]:
-            series.setdefault((row["kernel"], row["loss"]), {})[float(row["lr"])] = float(row["dice_mean"])
-    for (kernel, loss), by_lr in series.items():
-        best_lr = max(by_lr, key=by_lr.get)
-        drops = []
-        for lr in (min(rates), max(rates)):
-            value = next((v for k, v in by_lr.items() if math.isclose(k, lr, rel_tol=LR_REL_TOL)), None)
-            drops.append("–" if value is None else f"{100 * (by_lr[best_lr] - value):.1f}")
-        best = f"{100 * by_lr[best_lr]:.1f}"
-        lines.append(f"| {kernel} | {loss} | {lr_label(best_lr)} | {best} | {drops[0]} | {drops[1]} |")
-    return lines
-
-
-def kernel_rows(table_csv: list[dict]) -> list[str]:
-    """At Table 1's lr: each kernel's average Dice minus the conventional one's, per loss, and sizes."""
-    lines = [
-        "| loss | kernel | parameters | average Dice (%) | minus conventional (pp) |",
-        "|---|---|---:|---:|---:|",
-    ]
-    conventional = {r["loss"]: r for r in table_csv if r["kernel"] == "conventional"}
-    for row in table_csv:
-        mean = float(row["average_mean"]) if row["average_mean"] else math.nan
-        base = conventional.get(row["loss"])
-        ref = float(base["average_mean"]) if base and base["average_mean"] else math.nan
-        diff = "–" if math.isnan(mean) or math.isnan(ref) else f"{100 * (mean - ref):+.1f}"
-        params = f"{int(row['parameters']):,}" if row["parameters"] else "–"
-        text = "–" if math.isnan(mean) else f"{100 * mean:.1f}"
-        lines.append(f"| {row['loss']} | {row['kernel']} | {params} | {text} | {diff} |")
-    return lines
-
-
-def read_csv(path: Path) -> list[dict]:
-    import csv
-
+def read_rows(path: Path) -> list[dict]:
     with path.open() as f:
         return list(csv.DictReader(f))
 
 
-def spread(figure_csv: list[dict]) -> tuple[float, float, int]:
-    """(mean, largest) std over splits of the Fig. 3 cells in percentage points, and the cells counted."""
-    stds = [100 * float(r["dice_std"]) for r in figure_csv if r["dice_std"]]
-    return (sum(stds) / len(stds) if stds else math.nan, max(stds, default=math.nan), len(stds))
+def _num(text) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
 
 
-def prose_block(key: str, kept: dict[str, str]) -> list[str]:
-    text = kept.get(key, f"**TO BE WRITTEN after the run: {PROSE[key]}.**")
-    return [f"<!-- PROSE:{key} -->", text, "<!-- /PROSE -->"]
+def _pct(values: list[float]) -> str:
+    values = [v for v in values if math.isfinite(v)]
+    if not values:
+        return "–"
+    mean = 100 * statistics.fmean(values)
+    return f"{mean:.1f}±{100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
-def write_page(uri: str, sweep: str, lr: float, out: Path) -> Path:
-    files_dir = out.parent / "results"
-    report = make_report(uri, sweep=sweep, lr=lr, out_dir=files_dir)
-    parent = client(uri).get_run(sweep)
-    runs = [r for r in queries.search_runs(uri, [parent.info.experiment_id], f"tags.sweep_id = '{sweep}'")]
-    jobs = [r for r in runs if r["run_id"] != sweep and "kernel" in r["tags"]]
-    finished = [r for r in jobs if r["status"] == "FINISHED"]
-    diverged = sum(r["tags"].get("diverged") == "true" for r in finished)
-    wall = ((parent.info.end_time or parent.info.start_time) - parent.info.start_time) / 1000
-    train = sum(float(r["tags"].get("train_seconds", 0) or 0) for r in finished)
-    params = finished[0]["params"] if finished else {}
-    figure_csv = read_csv(files_dir / "fig3_dice_vs_lr.csv")
-    table_csv = read_csv(files_dir / f"table1_lr{lr:g}.csv")
-    mean_std, max_std, cells = spread(figure_csv)
-    kept = kept_prose(out)
+def _lr_text(lr: float) -> str:
+    exponent = math.log10(lr)
+    return f"1e{exponent:g}" if abs(exponent - round(exponent * 2) / 2) < 1e-6 else f"{lr:g}"
+
+
+def _label_groups(rows: list[dict]) -> tuple[list[str], list[str]]:
+    """(small, large) label names: small = at most SMALL_VOXELS voxels on average in the test cases."""
+    sizes: dict[str, list[float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith("test_voxels/") and math.isfinite(_num(value)):
+                sizes.setdefault(key.split("/", 1)[1], []).append(_num(value))
+    mean = {k: statistics.fmean(v) for k, v in sizes.items()}
+    small = sorted((k for k, v in mean.items() if v <= SMALL_VOXELS), key=mean.get)
+    return small, sorted(k for k in mean if k not in small)
+
+
+def _group_dice(row: dict, names: list[str]) -> float:
+    values = [_num(row.get(f"test_dice/{n}")) for n in names]
+    values = [v for v in values if math.isfinite(v)]
+    return statistics.fmean(values) if values else math.nan
+
+
+def _cells(rows: list[dict]) -> dict[tuple[str, str, float], list[dict]]:
+    cells: dict[tuple[str, str, float], list[dict]] = {}
+    for row in rows:
+        cells.setdefault((row["kernel"], row["loss"], _num(row["lr"])), []).append(row)
+    return dict(
+        sorted(cells.items(), key=lambda kv: (kv[0][0] != "conventional", kv[0][0], kv[0][1], kv[0][2]))
+    )
+
+
+def cell_table(rows: list[dict], small: list[str], large: list[str]) -> list[str]:
     lines = [
-        "# Results: the papers' findings reproduced with medexp",
-        "",
-        "<!-- Generated by scripts/study_results.py from the MLflow store; only the PROSE blocks are"
-        " hand-written (they survive a rerun of the script). -->",
-        "",
-        "## The study",
-        "",
-        f"- Command: `{sweep_command(parent.data.tags.get('medexp.sweep_dir'))}`, then "
-        "`python scripts/study_results.py`",
-        f"- Wall time: {duration(wall)} for {len(jobs)} jobs ({len(finished)} finished, {diverged} of them "
-        f"diverged, {len(jobs) - len(finished)} not finished); {duration(train)} of it training",
-        f"- Machine: {machine()}",
-        f"- Store: `{uri}`, sweep (parent run) `{sweep}`, status {parent.info.status}",
-        "- Setup: " + "; ".join(f"{name} {params[key]}" for name, key in SETUP_KEYS if key in params),
-        "",
-        "## Fig. 3 analogue: test Dice against the learning rate",
-        "",
-        "![Fig. 3 analogue](results/fig3_dice_vs_lr.png)",
-        "",
-        table_body((files_dir / "fig3_dice_vs_lr.md").read_text()),
-        "",
-        "Per kernel and loss, the best learning rate and how far the Dice (percentage points) falls from it "
-        "at the smallest and the largest rate:",
-        "",
-        *trend_rows(figure_csv, report.learning_rates),
-        "",
-        *prose_block("lr", kept),
-        "",
-        f"## Table 1 analogue: per-label test Dice at lr {lr_label(lr)}",
-        "",
-        table_body((files_dir / f"table1_lr{lr:g}.md").read_text()),
-        "",
-        *kernel_rows(table_csv),
-        "",
-        *prose_block("kernels", kept),
-        "",
-        "## Spread over splits",
-        "",
-        f"Sample std over splits of the Fig. 3 cells: {mean_std:.1f} percentage points on average, "
-        f"{max_std:.1f} at most ({cells} cells with two or more splits; the paper: under 1 on average).",
-        "",
-        *prose_block("splits", kept),
-        "",
-        "## Files",
-        "",
-        "`results/`: `fig3_dice_vs_lr.png`, `fig3_dice_vs_lr.md`/`.csv`, "
-        f"`table1_lr{lr:g}.md`/`.csv`, `runs.csv` (every counted run), written by "
-        f"`medexp report --sweep {sweep}` and logged to the sweep's parent run.",
-        "",
+        "| kernel | loss | lr | runs | test Dice (%) | per split | labels > 25 voxels | labels <= 25 voxels "
+        "| floor (%) | best epochs | unconverged |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---|---:|",
     ]
-    out.write_text("\n".join(lines))
-    return out
+    for (kernel, loss, lr), cell in _cells(rows).items():
+        done = [r for r in sorted(cell, key=lambda r: int(r["split"])) if r["status"] == "FINISHED"]
+        columns = [
+            kernel, loss, _lr_text(lr), str(len(done)),
+            _pct([_num(r["test_dice"]) for r in done]),
+            ", ".join(f"{100 * _num(r['test_dice']):.1f}" for r in done),
+            _pct([_group_dice(r, large) for r in done]),
+            _pct([_group_dice(r, small) for r in done]),
+            _pct([_num(r["floor_dice"]) for r in done]),
+            ", ".join(r["best_epoch"] for r in done),
+            str(sum(r["converged"].lower() == "false" for r in cell)),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(columns) + " |")
+    return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tracking-uri", default=None)
-    parser.add_argument("--experiment", default="study_cpu")
-    parser.add_argument("--sweep", default=None)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
-    args = parser.parse_args(argv)
-    uri = resolve_uri(args.tracking_uri)
-    sweep = args.sweep or latest_sweep(uri, args.experiment)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"wrote {write_page(uri, sweep, args.lr, args.out)}")
-    return 0
+def _run_name(row: dict) -> str:
+    return f"{row['kernel']}/{row['loss']}/lr{_lr_text(_num(row['lr']))}/split{row['split']}"
+
+
+def verdict_lines(verdict: Verdict) -> list[str]:
+    numbers = ", ".join(f"{k} {v:+.1f} pp" for k, v in verdict.numbers.items())
+    lines = [f"- **Claim {verdict.claim}**: **{verdict.outcome}**" + (f" ({numbers})" if numbers else "")]
+    lines += [f"  - {m}" for m in verdict.missing]
+    return lines
+
+
+def generated(rows: list[dict]) -> tuple[str, list[str]]:
+    """The page's title and its generated section, from the runs table alone."""
+    splits = sorted({int(r["split"]) for r in rows})
+    verdicts = [claim_a(rows, SPLITS), claim_b(rows, SPLITS)]
+    small, large = _label_groups(rows)
+    commits = sorted({r["commit"] for r in rows})
+    floors = [_num(r["floor_dice"]) for r in rows]
+    seconds = sum(_num(r["train_seconds"]) for r in rows if math.isfinite(_num(r["train_seconds"])))
+    title = "# Results: " + "; ".join(f"Claim {v.claim} {v.outcome}" for v in verdicts) + " (pre-registered)"
+    params = {r["kernel"]: r["num_parameters"] for r in rows if r["num_parameters"]}
+    lines = [
+        BEGIN, "", "## Verdicts", "", "By the pre-registered rules above, applied to `docs/results/runs.csv`"
+        " (`medexp.report.claims`):", "", *[line for v in verdicts for line in verdict_lines(v)], "",
+        "## The runs", "",
+        f"{len(rows)} runs, {len(splits)} splits; commit(s) {', '.join(c[:12] for c in commits)}; "
+        f"training time {seconds / 3600:.2f} h summed over runs. Parameters: "
+        + ", ".join(f"{k} {int(v):,}" for k, v in sorted(params.items())) + ".",
+        "",
+        f"The no-learning floor (each split's training cases' per-voxel majority label, scored on its test "
+        f"cases) is {_pct(floors)} mean Dice over the runs: a model below it has learned nothing useful.",
+        "",
+        "Mean ± standard deviation over splits of the per-volume test Dice (mean over the labels), then the "
+        "same over the large and the small labels only, the floor, the best epoch of each split (chosen on "
+        "validation) and the number of unconverged runs:",
+        "",
+        *cell_table(rows, small, large), "",
+        f"Small labels (at most {SMALL_VOXELS} voxels on average in the test cases at this size): "
+        + (", ".join(small) if small else "none") + ".",
+        "",
+    ]  # fmt: skip
+    below = [_run_name(r) for r in rows if _num(r["test_dice"]) <= _num(r["floor_dice"])]
+    listed = (": " + ", ".join(below)) if below else ""
+    lines += [f"Runs at or below their floor: {len(below)} of {len(rows)}{listed}.", "", END]
+    return title, lines
+
+
+def write_page(rows: list[dict], page: Path) -> Path:
+    """Replace the title and the generated section of `page`; the pre-registration and the rest stay."""
+    text = page.read_text()
+    title, lines = generated(rows)
+    body = "\n".join(lines)
+    if BEGIN in text:
+        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: body, text, flags=re.S)
+    else:  # first time: after the pre-registration, before the exploratory grid
+        marker = "## Exploratory grid"
+        text = text.replace(marker, body + "\n\n" + marker, 1)
+    text = re.sub(r"\A# .*", title, text, count=1)
+    page.write_text(text)
+    print(f"{page}: {title[2:]}")
+    return page
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="the store's runs of the study -> runs.csv")
+    ex.add_argument("--tracking-uri", required=True)
+    ex.add_argument("--experiment", default="study_claims")
+    ex.add_argument("--out", type=Path, default=RUNS)
+    pg = sub.add_parser("page", help="runs.csv -> the generated part of docs/results.md")
+    pg.add_argument("--runs", type=Path, default=RUNS)
+    pg.add_argument("--out", type=Path, default=PAGE)
+    args = parser.parse_args()
+    if args.command == "export":
+        export(args.tracking_uri, args.experiment, args.out)
+    else:
+        write_page(read_rows(args.runs), args.out)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
