@@ -30,6 +30,9 @@ class DatasetInfo:
             file per channel ("0000", "0001" for nnU-Net; "t1", "flair" for `<case>_t1.nii.gz`); empty when
             a case is one file (3D, or 4D with all channels).
         source: the data folder the cases were read from (recorded with the MLflow run), if any.
+        split_cases: {"train": [case id, ...], "val": [...], "test": [...]} of the run's split, recorded
+            when it trained, so that `medexp evaluate` scores the cases the run was tested on even after
+            cases were added to or removed from the data folder; empty for data not yet split.
     """
 
     name: str
@@ -45,6 +48,7 @@ class DatasetInfo:
     ignore_label: int | None = None
     channel_files: list[str] = field(default_factory=list)
     source: str = ""
+    split_cases: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.label_names) != self.num_classes:

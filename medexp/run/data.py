@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from omegaconf import DictConfig
 from medexp.config.build import build_augmentation, build_dataset, instantiate
 from medexp.data.base import DatasetInfo
 from medexp.data.loaders import DeviceAugment, auto_num_workers, make_loader
-from medexp.data.splits import load_or_make_splits, select, split_ratios
+from medexp.data.splits import check_n_splits, check_unique_ids, load_or_make_splits, select, split_ratios
 from medexp.run import dist
 from medexp.run.gpus import gpu_count
 
@@ -38,16 +39,20 @@ class JobData:
 
 def job_data(cfg: DictConfig, ctx: dist.DistContext) -> JobData:
     """Dataset, split and loaders. Rank 0 prepares (generates / caches) first; the others then read it."""
+    check_n_splits(cfg.n_splits)  # the bound that needs no cases, before any case is read
     dataset = build_dataset(cfg)
     if not ctx.is_main:
         dist.barrier(ctx)
     cases = dataset.prepare()
+    check_unique_ids(cases)
     info = dataset.info
     ids = [c["id"] for c in cases]
     splits = load_or_make_splits(info.root, ids, cfg.n_splits, ratios=split_ratios(cfg))
     if ctx.is_main:
         dist.barrier(ctx)
     parts = select(cases, splits, cfg.split)
+    # the split's case ids travel with the info into every checkpoint: `medexp evaluate` compares them
+    info = dataclasses.replace(info, split_cases={p: [str(c["id"]) for c in cs] for p, cs in parts.items()})
     augmentation = build_augmentation(cfg, info.spatial_dims, info.shape)
     device_augment = None
     if cfg.trainer.augment_on_device:

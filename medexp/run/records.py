@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from medexp.config.build import kernel_kind
 from medexp.config.flat import to_yaml
 from medexp.data.base import DatasetInfo
+from medexp.data.layout import nnunet_id
 from medexp.run import checkpoint
 from medexp.run.progress import print_summary
 from medexp.tracking.runs import RunTracker
@@ -44,6 +45,11 @@ def run_tags(cfg: DictConfig, job: dict, info: DatasetInfo, output_dir: Path) ->
         label_names=",".join(info.label_names),
     )
     tags["medexp.output_dir"] = str(output_dir.resolve())
+    if info.source:  # the data folder as resolved: an nnU-Net id in dataset.root needs $nnUNet_raw
+        tags["dataset.source"] = info.source
+        nnunet = nnunet_id(info.source)
+        if nnunet is not None:
+            tags["dataset.nnunet_id"] = nnunet
     if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
         tags["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
     return tags
