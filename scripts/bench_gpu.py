@@ -46,11 +46,9 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import bench_data  # noqa: E402 - scripts/ is on sys.path when this file runs as a script
 import torch  # noqa: E402
 import yaml  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_data  # noqa: E402
 
 from medexp.data.augment import random_affine  # noqa: E402
 from medexp.data.loaders import DeviceAugment, auto_num_workers  # noqa: E402

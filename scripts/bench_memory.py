@@ -1,10 +1,11 @@
 """Peak memory of a training step at the paper's 128^3 (batch 1, 1 channel, 20 classes, Nadam): computed
 from the network on the meta device, and measured on the CPU.
 
-(a) computed (scripts/memtrack.py, seconds, no memory): parameters, gradients and Nadam's state; the
+(a) computed (medexp.nn.memory, seconds, no memory): parameters, gradients and Nadam's state; the
     activations autograd saves for backward; the high-water mark of all tensors over forward, loss,
     backward and optimiser step; FLOPs, memory traffic and operations, and from them an estimated GPU step
-    time on a V100 16 GB and an H200 (memtrack.gpu_step_seconds states the fractions of peak assumed).
+    time on a V100 16 GB and an H200 (medexp.nn.memory.gpu_step_seconds states the fractions of peak
+    assumed).
 (b) measured: each configuration in a fresh process (MEDEXP_NO_TUNE=1, so glibc hands freed large blocks
     back and the resident size follows the live bytes): peak resident set size (getrusage ru_maxrss)
     minus the resident size after the imports, over building the model and one training step.
@@ -33,7 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parent
 GIB = 2**30
 
 
@@ -82,10 +82,8 @@ def computed(names: list[str], size: int) -> dict[str, dict]:
     """(a) on the meta device."""
     import torch
 
-    sys.path.insert(0, str(SCRIPTS))
-    from memtrack import H200, V100, count_step, gpu_step_seconds
-
     from medexp.losses import PCCLoss
+    from medexp.nn.memory import H200, V100, count_step, gpu_step_seconds
 
     out = {}
     for name in names:

@@ -1,5 +1,5 @@
 """scripts/bench_gpu.py runs end to end in its CPU dry run (so it cannot rot before it meets a GPU), and the
-counting behind scripts/bench_memory.py gives hand-checked numbers."""
+counting behind scripts/bench_memory.py (medexp.nn.memory) gives hand-checked numbers."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ import torch
 from torch import nn
 
 from medexp.data.loaders import auto_num_workers
+from medexp.nn.memory import count_step
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def _script(name: str):
-    """A module of scripts/ (they import each other by name, as `python scripts/x.py` lets them)."""
+    """A module of scripts/ (not a package: they import each other by name, as `python scripts/x.py` lets
+    them, since Python puts a script's folder first on sys.path)."""
     if str(SCRIPTS) not in sys.path:
         sys.path.insert(0, str(SCRIPTS))
     return importlib.import_module(name)
@@ -76,11 +78,10 @@ def test_dry_run_data_run_and_study_estimate(dry_run):
 
 def test_count_step_by_hand():
     """Linear(4, 16) -> ReLU -> Linear(16, 3) on a batch of 8, SGD: FLOPs and saved bytes by hand."""
-    memtrack = _script("memtrack")
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
         x, y = torch.randn(8, 4), torch.randn(8, 3)
-    count = memtrack.count_step(model, x, y, lambda out, t: (out - t).square().mean(), torch.optim.SGD)
+    count = count_step(model, x, y, lambda out, t: (out - t).square().mean(), torch.optim.SGD)
     assert count.param_bytes == count.grad_bytes == 4 * (4 * 16 + 16 + 16 * 3 + 3)
     assert count.optimizer_bytes == 0  # plain SGD keeps no state
     # forward 2*8*4*16 + 2*8*16*3; backward: second layer's input and weight gradients 2 * 2*8*16*3,

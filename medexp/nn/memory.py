@@ -1,9 +1,11 @@
 """Counting what a training step needs, without running it at full size: bytes alive, bytes saved for
 backward, FLOPs, memory traffic and the number of operations; and from them an estimated GPU step time.
 
-Used by scripts/bench_memory.py and scripts/bench_gpu.py. Everything here works on the "meta" device
-(tensors with shapes and no data), so a 128^3 step of any model is counted in seconds and without memory,
-and on real CPU or CUDA tensors alike.
+Used by scripts/bench_memory.py (docs/performance.md §8); in the package for the commands that size
+patches and batches to a GPU memory budget. Everything here works on the "meta" device (tensors with
+shapes and no data), so a 128^3 step of any model is counted in seconds and without memory, and on real
+CPU or CUDA tensors alike. It imports torch only: the components layer, with the rest of medexp.nn
+(docs/design.md §2).
 
 - `LiveBytes`: a TorchDispatchMode that sees every tensor an operation creates and follows its storage
   until it is freed (weakref on the storage), so `peak` is the high-water mark of bytes in tensors
