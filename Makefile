@@ -42,10 +42,10 @@ test: $(STAMP) chromium ## run the test suite (what CI runs); installs Debian's 
 test-fast: $(STAMP) ## the unit tests only (no `medexp` subprocess runs, nothing slow): run before each change
 	$(PY) -m pytest -q -m "not slow and not e2e" $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff lint and format check, and the import layering (scripts/check_layers.py)
-	$(VENV)/bin/ruff check medexp tests scripts
-	$(VENV)/bin/ruff format --check medexp tests scripts
-	$(PY) scripts/check_layers.py
+lint: $(STAMP) ## ruff lint and format check, and the import layering (tools/check_layers.py)
+	$(VENV)/bin/ruff check medexp tests scripts tools
+	$(VENV)/bin/ruff format --check medexp tests scripts tools
+	$(PY) -m tools.check_layers
 
 format: $(STAMP) ## apply ruff formatting and safe fixes
 	$(VENV)/bin/ruff check --fix medexp tests scripts

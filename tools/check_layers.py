@@ -2,7 +2,8 @@
 
 Layers, lowest first (a module may import its own layer and the ones below):
 
-    0  medexp.errors (and the bare package medexp)
+    0  medexp.errors (and the bare package medexp), medexp.nn.memory (the training-step memory model:
+       torch only, so any layer may use it and it may use no other medexp module)
     1  components: medexp.nn, medexp.losses, medexp.schedules, medexp.data, medexp.evaluation
     2  medexp.config      (composes and builds components)
     3  medexp.tracking    (the only mlflow importer)
@@ -14,7 +15,8 @@ Layers, lowest first (a module may import its own layer and the ones below):
 Every `import` and `from ... import` counts, also those inside functions (a lazy import is still a
 dependency). Cycles are found between modules of any layer with Tarjan's algorithm over that graph.
 
-Usage:  python scripts/check_layers.py      (exit 1 and one line per problem when the layering is broken)
+Usage:  python -m tools.check_layers      (from the repository root; exit 1 and one line per problem when
+                                          the layering is broken)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "medexp"
 LAYERS = (
-    ("medexp.errors", "medexp"),
+    ("medexp.errors", "medexp", "medexp.nn.memory"),
     ("medexp.nn", "medexp.losses", "medexp.schedules", "medexp.data", "medexp.evaluation"),
     ("medexp.config",),
     ("medexp.tracking",),
@@ -113,7 +115,7 @@ def problems() -> list[str]:
     for module, imported in sorted(graph.items()):
         own = layer_of(module)
         if own is None:
-            found.append(f"{module}: in no layer of scripts/check_layers.py")
+            found.append(f"{module}: in no layer of tools/check_layers.py (LAYERS)")
             continue
         for other in sorted(imported):
             theirs = layer_of(other)
