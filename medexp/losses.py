@@ -105,7 +105,7 @@ class PCCLoss(nn.Module):
     Args:
         softmax: apply softmax over the channel axis to the input (input = logits); otherwise the input is
             already scores in [0, 1].
-        include_background: keep channel 0 in the mean (the paper does).
+        include_background: keep channel 0 in the mean (not stated in eq. 4; medexp's choice).
         eps: the paper's epsilon, 1e-7.
     """
 

@@ -71,6 +71,7 @@ def evaluate_run(run_id: str, split: str = "test", tracking_uri: str | None = No
         roi_size=info.shape,
         device=device,
         metrics=list(cfg.eval.metrics),
+        distance=cfg.eval.get("distance", "medexp"),  # configs logged before the key: the default
         spacing=info.spacing,
         ignore_label=info.ignore_index,
     )

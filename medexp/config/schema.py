@@ -39,6 +39,9 @@ class TrainerConfig:
 @dataclass
 class EvalConfig:
     metrics: list[str] = MISSING
+    # hd95/asd definition, medexp | medpy (medexp.evaluation.metrics.surface_distances). Its default is stated
+    # here rather than in conf/train.yaml so that configs logged before the key existed read as they ran.
+    distance: str = "medexp"
 
 
 @dataclass

@@ -64,6 +64,8 @@ def validate(cfg: DictConfig) -> None:
     _validate_kernel(cfg.kernel)
     for name in cfg.eval.metrics:
         _check(name in SUPPORTED, "eval.metrics", name, f"names from {', '.join(SUPPORTED)}")
+    distance, definitions = cfg.eval.distance, ", ".join(DISTANCE_DEFINITIONS)
+    _check(distance in DISTANCE_DEFINITIONS, "eval.distance", distance, f"one of {definitions}")
 
 
 def _validate_dataset(dataset: DictConfig) -> None:

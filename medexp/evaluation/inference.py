@@ -2,11 +2,12 @@
 
 Every metric is computed per case, i.e. per volume: a model trained on 2D slices of volumes
 (`dataset.spatial_dims=2`) predicts the slices of a case one by one, and the predictions are stacked back
-into the case's volume before any metric is computed (as nnU-Net's 2d configuration and NeRD's tables
-score whole volumes). Slice items say which volume they belong to with the keys "volume" (case id),
-"slice" (index), "slice_axis" (the spatial axis they were cut across) and "volume_spacing" (the volume's
-own spacing in mm); medexp.data.nifti writes them. Items may carry "spacing", their own spacing after
-preprocessing; surface distances use it (else the `spacing` argument).
+into the case's volume before any metric is computed, as nnU-Net's 2d configuration scores whole volumes
+(NeRD does not say whether its tables score volumes or slices: not stated; medexp's choice). Slice items
+say which volume they belong to with the keys "volume" (case id), "slice" (index), "slice_axis" (the
+spatial axis they were cut across) and "volume_spacing" (the volume's own spacing in mm);
+medexp.data.nifti writes them. Items may carry "spacing", their own spacing after preprocessing; surface
+distances use it (else the `spacing` argument).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from medexp.evaluation.metrics import case_metrics, label_voxels
+from medexp.nn.heads import outputs_probabilities
 
 
 @torch.no_grad()
@@ -98,13 +100,16 @@ def predicted_cases(
     """
     pending: list[tuple[int, Case]] = []
     volume, axis = None, 2
+    sigmoid = outputs_probabilities(model)  # head.output=mlp_sigmoid: the outputs are probabilities already
     for batch in loader:
         if batch["image"].shape[0] != 1:
             raise ValueError(f"evaluation loaders have batch 1, got {batch['image'].shape[0]}")
         image = batch["image"].as_subclass(torch.Tensor).to(device)  # plain tensor: no MetaTensor overhead
         logits = predict_logits(model, image, roi_size)  # (1, K, *spatial)
-        prediction = logits.argmax(dim=1, keepdim=True).cpu()  # (1, 1, *spatial)
-        scores = torch.softmax(logits.float(), dim=1).cpu() if with_scores else None
+        prediction = logits.argmax(dim=1, keepdim=True).cpu()  # (1, 1, *spatial); argmax of either kind
+        scores = None
+        if with_scores:  # class probabilities: softmax of logits, or the head's sigmoids as they are
+            scores = (logits.float() if sigmoid else torch.softmax(logits.float(), dim=1)).cpu()
         truth = batch["label"].as_subclass(torch.Tensor).cpu()
         if "volume" not in batch:
             yield Case(str(batch["id"][0]), prediction, truth, scores, _item_spacing(batch, "spacing"))
@@ -131,12 +136,14 @@ def evaluate(
     metrics: Sequence[str] = ("dice",),
     spacing: Sequence[float] | None = None,
     ignore_label: int | None = None,
+    distance: str = "medexp",
 ) -> CaseTable:
     """Per-case, per-label metrics of `model` over `loader` (batch 1), one row per volume.
 
     Args:
         spacing: voxel spacing in mm for items that carry none of their own (e.g. the dataset's).
         ignore_label: truth value of voxels that are not scored (counted as background in both maps).
+        distance: definition of hd95 and asd (`eval.distance`, medexp.evaluation.metrics.surface_distances).
 
     Returns:
         CaseTable of the foreground labels.
@@ -148,7 +155,7 @@ def evaluate(
         valid = None if ignore_label is None else case.truth != ignore_label
         result = case_metrics(
             case.prediction, case.truth, num_classes, metrics, case.spacing or spacing,
-            scores=case.scores, valid=valid,
+            scores=case.scores, valid=valid, distance=distance,
         )  # fmt: skip
         truth, prediction = case.truth, case.prediction
         if valid is not None:

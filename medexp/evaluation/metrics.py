@@ -5,9 +5,12 @@ of {metric: per-label values} out. Labels are foreground classes 1..K-1; backgro
 reported mean (as the paper's Table 1 average).
 
 Overlap (Wong & Moradi eq. 5 with binary scores; NeRD): dice, jaccard (MONAI compute_dice / compute_iou).
-Boundary (NeRD): hd, hd95, asd in mm (MONAI's surface distances, reduced as compute_hausdorff_distance,
-its percentile=95 form and compute_average_surface_distance(symmetric=True) do). Lesion-wise (NeRD):
-ldice, ltpr, lfpr, lppv. Counting (Nair et al.): count_error. The last two live in medexp.evaluation.lesions.
+Boundary (NeRD): hd, hd95, asd in mm from MONAI's surface distances, reduced by one of two definitions
+(`eval.distance`, DISTANCE_DEFINITIONS; docs/design.md §9 Evaluation): "medexp" (default) as MONAI's
+compute_hausdorff_distance, its percentile=95 form and compute_average_surface_distance(symmetric=True) do;
+"medpy" as medpy.metric.binary hd95 / asd do (the LA literature's). Neither paper defines them.
+Lesion-wise (NeRD): ldice, ltpr, lfpr, lppv. Counting (Nair et al.): count_error. The last two live in
+medexp.evaluation.lesions.
 
 Empty labels (the convention of MONAI's ignore_empty and of nnU-Net, docs/design.md §9):
 - a label absent from both truth and prediction is undefined for that case: NaN in every metric, left out
@@ -32,10 +35,7 @@ from monai.metrics.utils import get_edge_surface_distance
 from torch import Tensor
 
 from medexp.evaluation.lesions import LESION_METRICS, count_error, lesion_metrics
-
-OVERLAP = ("dice", "jaccard")
-DISTANCES = ("hd", "hd95", "asd")
-SUPPORTED = OVERLAP + DISTANCES + LESION_METRICS + ("count_error",)
+from medexp.evaluation.names import DISTANCE_DEFINITIONS, DISTANCES, OVERLAP, SUPPORTED  # noqa: F401 - light
 
 
 @contextmanager
@@ -76,25 +76,36 @@ def image_diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
 
 
 def surface_distances(
-    pred: Tensor, true: Tensor, spacings: Sequence[Sequence[float]], names: Sequence[str]
+    pred: Tensor,
+    true: Tensor,
+    spacings: Sequence[Sequence[float]],
+    names: Sequence[str],
+    distance: str = "medexp",
 ) -> dict[str, np.ndarray]:
     """Boundary metrics of one-hot (B, K, *spatial) prediction and truth, in mm, background excluded.
 
-    The surfaces and the distances between them come from MONAI (get_edge_surface_distance, the routine
-    behind compute_hausdorff_distance and compute_average_surface_distance), computed once per case and
-    label and reduced the way those functions do:
-        hd: symmetric Hausdorff distance, the larger of the two directed maxima;
-        hd95: the larger of the two directed 95th percentiles (compute_hausdorff_distance(percentile=95));
-        asd: average symmetric surface distance, the mean over the surface voxels of both masks of the
-            distance to the other surface (compute_average_surface_distance(symmetric=True)).
-    A label absent from both masks gives NaN; absent from exactly one, the image diagonal in mm.
+    The surfaces (mask voxels with a face neighbour outside the mask or the image) and the distances from
+    each surface voxel to the nearest voxel of the other surface come from MONAI (get_edge_surface_distance,
+    the routine behind compute_hausdorff_distance and compute_average_surface_distance), once per case and
+    label. With d_p (prediction -> truth) and d_t (truth -> prediction) they are reduced per `distance`:
+        hd (both): max(max d_p, max d_t), the symmetric Hausdorff distance;
+        hd95, "medexp": max(P95(d_p), P95(d_t)), the larger directed 95th percentile (MONAI's percentile=95);
+        hd95, "medpy": P95(d_p and d_t pooled), medpy.metric.binary.hd95;
+        asd, "medexp": mean of d_p and d_t pooled, i.e. over the surface voxels of both masks (MONAI's
+            symmetric=True; equal-weighted per voxel, not medpy's assd, the mean of the two means);
+        asd, "medpy": mean of d_p, prediction -> truth only, medpy.metric.binary.asd(result, reference).
+    P95 interpolates linearly (numpy.percentile's default, as medpy). A label absent from both masks gives
+    NaN; absent from exactly one, the image diagonal in mm (medpy raises there), in both definitions.
 
     Args:
         spacings: one voxel spacing (mm per spatial axis) per case b.
+        distance: one of DISTANCE_DEFINITIONS.
 
     Returns:
         {name: (B, K-1) float array} for the requested names among DISTANCES.
     """
+    if distance not in DISTANCE_DEFINITIONS:
+        raise ValueError(f"distance={distance!r}: expected one of {', '.join(DISTANCE_DEFINITIONS)}")
     batch, num_classes = pred.shape[:2]
     out = {name: np.full((batch, num_classes - 1), np.nan) for name in names}
     for b, k in np.ndindex(batch, num_classes - 1):
@@ -111,14 +122,20 @@ def surface_distances(
                 p, t, spacing=list(spacings[b]), symmetric=True
             )
         for name in names:
-            if name == "asd":
-                value = torch.cat([to_true, to_pred]).mean()
-            elif name == "hd":
-                value = torch.maximum(to_true.max(), to_pred.max())
-            else:
-                value = torch.maximum(torch.quantile(to_true, 0.95), torch.quantile(to_pred, 0.95))
-            out[name][b, k] = float(value)
+            out[name][b, k] = _reduce(name, distance, to_true.double(), to_pred.double())
     return out
+
+
+def _reduce(name: str, distance: str, to_true: Tensor, to_pred: Tensor) -> float:
+    """One boundary metric from the directed distances (surface_distances gives the definitions)."""
+    pooled = torch.cat([to_true, to_pred])
+    if name == "hd":
+        return float(pooled.max())
+    if name == "hd95" and distance == "medpy":
+        return float(torch.quantile(pooled, 0.95))
+    if name == "hd95":
+        return float(torch.maximum(torch.quantile(to_true, 0.95), torch.quantile(to_pred, 0.95)))
+    return float(to_true.mean() if distance == "medpy" else pooled.mean())  # asd
 
 
 def object_metrics(
@@ -177,6 +194,7 @@ def case_metrics(
     *,
     scores: Tensor | None = None,
     valid: Tensor | None = None,
+    distance: str = "medexp",
 ) -> dict[str, np.ndarray]:
     """Per-label metrics of one batch of cases.
 
@@ -191,6 +209,8 @@ def case_metrics(
             local maxima of the soft prediction); None counts on the binary prediction.
         valid: (B, 1, *spatial) boolean mask of the voxels to score (e.g. not an `ignore` label); voxels
             outside it count as background in both maps, so they add no true or false positive.
+        distance: definition of hd95 and asd, one of DISTANCE_DEFINITIONS (`eval.distance`; see
+            surface_distances).
 
     Returns:
         {metric: array (B, K-1)} for the foreground labels, NaN where undefined (see the module docstring:
@@ -204,6 +224,8 @@ def case_metrics(
         raise ValueError(
             f"valid mask shape {tuple(valid.shape)} != prediction shape {tuple(prediction.shape)}"
         )
+    if distance not in DISTANCE_DEFINITIONS:
+        raise ValueError(f"distance={distance!r}: expected one of {', '.join(DISTANCE_DEFINITIONS)}")
     unknown = [m for m in metrics if m not in SUPPORTED]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; supported: {', '.join(SUPPORTED)}")
@@ -214,7 +236,7 @@ def case_metrics(
         prediction, truth = prediction.masked_fill(~valid, 0), truth.masked_fill(~valid, 0)
     soft = None if scores is None else scores.detach().cpu().float().numpy()
     with one_thread():
-        out = _metric_table(prediction, truth, num_classes, metrics, spacings, soft)
+        out = _metric_table(prediction, truth, num_classes, metrics, spacings, soft, distance)
     absent = label_voxels(prediction, num_classes) + label_voxels(truth, num_classes) == 0  # (B, K-1)
     return {name: np.where(absent, np.nan, out[name].astype(float)) for name in metrics}
 
@@ -226,7 +248,9 @@ def label_voxels(labels: Tensor, num_classes: int) -> np.ndarray:
     return counts[:, 1:].numpy()
 
 
-def _metric_table(prediction: Tensor, truth: Tensor, num_classes: int, metrics, spacings, scores) -> dict:
+def _metric_table(
+    prediction: Tensor, truth: Tensor, num_classes: int, metrics, spacings, scores, distance: str
+) -> dict:
     pred, true = one_hot_labels(prediction, num_classes), one_hot_labels(truth, num_classes)
     out = {}
     if "dice" in metrics:  # ignore_empty=False: an empty truth gives 0 (or 1, made NaN by the caller)
@@ -235,7 +259,7 @@ def _metric_table(prediction: Tensor, truth: Tensor, num_classes: int, metrics, 
         out["jaccard"] = compute_iou(pred, true, include_background=False, ignore_empty=False).numpy()
     distance_names = [m for m in DISTANCES if m in metrics]
     if distance_names:
-        out.update(surface_distances(pred, true, spacings, distance_names))
+        out.update(surface_distances(pred, true, spacings, distance_names, distance))
     object_names = [m for m in metrics if m in LESION_METRICS or m == "count_error"]
     if object_names:
         labels_pred, labels_true = prediction[:, 0].numpy(), truth[:, 0].numpy()  # (B, *spatial)

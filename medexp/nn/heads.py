@@ -2,6 +2,11 @@
 
 `plain` is the 1x1(x1) convolution of Wong & Moradi. Every head is built as
 `head(in_channels=C, num_classes=K, spatial_dims=2|3)`, so the `head` config group is a partial.
+
+Output stage (`head.output`, docs/design.md §6): "linear" (default) returns the scores as logits, turned
+into probabilities by a softmax over K; "mlp_sigmoid" is NeRD Sec. 2.2's "another MLP and a Sigmoid": the
+scores go through a per-position MLP (K -> head.output_hidden -> K) and a sigmoid per class, and the head
+returns those probabilities in (0, 1) (pair it with a loss that takes probabilities: `loss.softmax=false`).
 """
 
 from __future__ import annotations
@@ -16,16 +21,80 @@ from torch import Tensor, nn
 from medexp.nn import chunks
 from medexp.nn.kernels import conv_nd
 
+OUTPUTS = ("linear", "mlp_sigmoid")  # head.output
+DEFAULT_OUTPUT_HIDDEN = (16,)  # ours, as conf/head/*.yaml: NeRD gives the output MLP no width
+
+
+class SigmoidMLPOutput(nn.Module):
+    """NeRD's output stage (Sec. 2.2: "The final segmentation can be obtained with another MLP and a
+    Sigmoid function"): p_v = sigmoid(MLP(s_v)) at every position v, one probability per class.
+
+    The MLP is 1x1(x1) convolutions K -> hidden... -> K with ReLU between them (a per-position MLP, so it
+    stays translation-equivariant); its widths and initialisation (PyTorch's default) are ours: the paper
+    gives neither, nor whether the first stage's scores are K wide (our reading: eq. 5 "normalize and
+    classify" gives the K scores s_v, then this MLP).
+    """
+
+    def __init__(self, num_classes: int, spatial_dims: int, hidden: Sequence[int] = DEFAULT_OUTPUT_HIDDEN):
+        super().__init__()
+        widths = [num_classes, *(int(h) for h in hidden), num_classes]
+        layers: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:], strict=True):
+            layers += [conv_nd(spatial_dims)(a, b, kernel_size=1, bias=True), nn.ReLU(inplace=True)]
+        self.mlp = nn.Sequential(*layers[:-1])  # no ReLU after the last layer
+
+    def forward(self, scores: Tensor) -> Tensor:
+        return torch.sigmoid(self.mlp(scores))  # (B, K, *spatial), each in (0, 1)
+
+
+def output_stage(
+    output: str, num_classes: int, spatial_dims: int, hidden: Sequence[int] = DEFAULT_OUTPUT_HIDDEN
+) -> nn.Module:
+    """The module a head applies to its scores: nn.Identity ("linear") or SigmoidMLPOutput."""
+    if output not in OUTPUTS:
+        raise ValueError(f"head.output={output!r}: expected one of {', '.join(OUTPUTS)}")
+    return nn.Identity() if output == "linear" else SigmoidMLPOutput(num_classes, spatial_dims, hidden)
+
+
+def outputs_probabilities(model: nn.Module) -> bool:
+    """Whether `model`'s head returns per-class sigmoid probabilities (head.output=mlp_sigmoid) rather
+    than logits: argmax works on either, a softmax only on logits."""
+    return any(isinstance(m, SigmoidMLPOutput) for m in model.modules())
+
 
 class PlainHead(nn.Module):
-    """s_v = W x_v + b at every position v: a 1x1(x1) convolution with bias (translation-equivariant)."""
+    """s_v = W x_v + b at every position v: a 1x1(x1) convolution with bias (translation-equivariant),
+    followed by the output stage (`output`: "linear" adds nothing; "mlp_sigmoid", SigmoidMLPOutput).
 
-    def __init__(self, in_channels: int, num_classes: int, spatial_dims: int = 3) -> None:
+    A PlainHead with output "mlp_sigmoid" is built as its subclass PlainSigmoidHead, so that code that
+    recognises the linear plain head by its type (WongNet applies its conv per decoder level) never
+    bypasses the output stage.
+    """
+
+    def __new__(cls, *args, output: str = "linear", **kwargs):
+        if cls is PlainHead and output != "linear":
+            cls = PlainSigmoidHead
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        spatial_dims: int = 3,
+        output: str = "linear",
+        output_hidden: Sequence[int] = DEFAULT_OUTPUT_HIDDEN,
+    ) -> None:
         super().__init__()
         self.conv = conv_nd(spatial_dims)(in_channels, num_classes, kernel_size=1, bias=True)
+        self.output = output
+        self.output_stage = output_stage(output, num_classes, spatial_dims, output_hidden)
 
     def forward(self, features: Tensor) -> Tensor:
-        return self.conv(features)  # (B, K, *spatial)
+        return self.output_stage(self.conv(features))  # (B, K, *spatial)
+
+
+class PlainSigmoidHead(PlainHead):
+    """PlainHead with NeRD's MLP + sigmoid output stage (see PlainHead)."""
 
 
 # --- NeRD heads (Zhang et al., "NeRD: Neural Representation of Distribution for Medical Image Segmentation")
@@ -105,7 +174,8 @@ class _NeRDHead(nn.Module):
     for NeRDm, against the (B, K, P) scores. When they would exceed `chunk_bytes`, positions are processed
     in slabs of the first spatial axis and no slab's intermediates are kept for backward: the backward
     recomputes one slab at a time (medexp.nn.chunks). The same computation, equal to float rounding (the
-    parameters' gradients are summed slab by slab).
+    parameters' gradients are summed slab by slab). The output stage (`output`, SigmoidMLPOutput) acts
+    on the (B, K, *spatial) scores after all slabs.
     """
 
     def __init__(
@@ -115,8 +185,12 @@ class _NeRDHead(nn.Module):
         spatial_dims: int,
         hidden: Sequence[int],
         chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+        output: str = "linear",
+        output_hidden: Sequence[int] = DEFAULT_OUTPUT_HIDDEN,
     ) -> None:
         super().__init__()
+        self.output = output
+        self.output_stage = output_stage(output, num_classes, spatial_dims, output_hidden)
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if chunk_bytes is not None and chunk_bytes < 1:
@@ -147,7 +221,11 @@ class _NeRDHead(nn.Module):
         return lambda features, a, b: self.slab_scores(features, positions[a * plane : b * plane])
 
     def forward(self, features: Tensor) -> Tensor:
-        """(B, C, *spatial) features -> (B, K, *spatial) scores (logits)."""
+        """(B, C, *spatial) features -> (B, K, *spatial) logits (probabilities with output="mlp_sigmoid")."""
+        return self.output_stage(self._scores(features))
+
+    def _scores(self, features: Tensor) -> Tensor:
+        """(B, C, *spatial) features -> (B, K, *spatial) scores s_v (NeRD eq. 5 or the NeRDc classifier)."""
         _check_features(self, features)
         positions = self.positions(features)  # (P, 2 * spatial_dims)
         spatial = features.shape[2:]
@@ -185,7 +263,8 @@ class _NeRDHead(nn.Module):
         slabs = self._slabs(first.shape[0], size, first.element_size())
         params = [p for p in self.parameters() if p.requires_grad]
         source = chunks.Upsampled(levels, size)
-        return chunks.slab_scores(self._scores_of(positions, size), source, list(levels), slabs, params)
+        scores = chunks.slab_scores(self._scores_of(positions, size), source, list(levels), slabs, params)
+        return self.output_stage(scores)
 
 
 class NeRDmHead(_NeRDHead):
@@ -204,6 +283,8 @@ class NeRDmHead(_NeRDHead):
         spatial_dims: 2 or 3.
         hidden: widths of the MLP's hidden layers.
         chunk_bytes: largest size of the per-chunk intermediates (`_NeRDHead`); None: never chunk.
+        output: "linear" (scores as logits) or "mlp_sigmoid" (NeRD Sec. 2.2's MLP + sigmoid, probabilities).
+        output_hidden: widths of the output MLP's hidden layers (ours; the paper gives none).
     """
 
     def __init__(
@@ -213,8 +294,10 @@ class NeRDmHead(_NeRDHead):
         spatial_dims: int = 3,
         hidden: Sequence[int] = DEFAULT_HIDDEN,
         chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+        output: str = "linear",
+        output_hidden: Sequence[int] = DEFAULT_OUTPUT_HIDDEN,
     ) -> None:
-        super().__init__(in_channels, num_classes, spatial_dims, hidden, chunk_bytes)
+        super().__init__(in_channels, num_classes, spatial_dims, hidden, chunk_bytes, output, output_hidden)
         self.mlp = _mlp(2 * spatial_dims, self.hidden, 2 * in_channels)
         self.classifier = conv_nd(spatial_dims)(in_channels, num_classes, kernel_size=1, bias=False)
         last = self.mlp[-1]
@@ -255,6 +338,8 @@ class NeRDcHead(_NeRDHead):
         spatial_dims: 2 or 3.
         hidden: widths of the MLP's hidden layers (at least one; the last one is J).
         chunk_bytes: largest size of the per-chunk intermediates (`_NeRDHead`); None: never chunk.
+        output: "linear" (scores as logits) or "mlp_sigmoid" (NeRD Sec. 2.2's MLP + sigmoid, probabilities).
+        output_hidden: widths of the output MLP's hidden layers (ours; the paper gives none).
     """
 
     def __init__(
@@ -264,8 +349,10 @@ class NeRDcHead(_NeRDHead):
         spatial_dims: int = 3,
         hidden: Sequence[int] = DEFAULT_HIDDEN,
         chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
+        output: str = "linear",
+        output_hidden: Sequence[int] = DEFAULT_OUTPUT_HIDDEN,
     ) -> None:
-        super().__init__(in_channels, num_classes, spatial_dims, hidden, chunk_bytes)
+        super().__init__(in_channels, num_classes, spatial_dims, hidden, chunk_bytes, output, output_hidden)
         if not self.hidden:
             raise ValueError("NeRDcHead needs at least one hidden layer, got hidden=()")
         self.mlp = _mlp(2 * spatial_dims, self.hidden, num_classes * in_channels)

@@ -306,3 +306,4 @@ def _test(cfg, model, data: JobData, ctx, ckpt_dir: Path, output_dir: Path, trac
     if cfg.tracking.log_checkpoint:
         tracker.log_artifact(best_path, "checkpoints")
     return {"test": metrics}
+        distance=cfg.eval.get("distance", "medexp"),  # configs logged before the key: the default
