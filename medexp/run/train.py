@@ -295,6 +295,7 @@ def _test(cfg, model, data: JobData, ctx, ckpt_dir: Path, output_dir: Path, trac
         roi_size=info.shape,
         device=ctx.device,
         metrics=list(cfg.eval.metrics),
+        distance=cfg.eval.get("distance", "medexp"),  # configs logged before the key: the default
         spacing=info.spacing,
         ignore_label=info.ignore_index,
     )
@@ -306,4 +307,3 @@ def _test(cfg, model, data: JobData, ctx, ckpt_dir: Path, output_dir: Path, trac
     if cfg.tracking.log_checkpoint:
         tracker.log_artifact(best_path, "checkpoints")
     return {"test": metrics}
-        distance=cfg.eval.get("distance", "medexp"),  # configs logged before the key: the default
