@@ -92,3 +92,53 @@ def test_take_over_refuses_a_live_run_and_notes_one_of_another_host(store):
     assert "host n7" in liveness.take_over(uri, remote.info.run_id)
     killed = client.create_run(experiment, tags=ended_process_tags()).info.run_id
     assert liveness.take_over(uri, killed) is None
+
+
+def test_take_over_refuses_a_finished_run_and_a_run_of_another_store_and_records_its_owner(store):
+    uri, client, experiment = store
+    finished = client.create_run(experiment, tags=ended_process_tags()).info.run_id
+    client.set_terminated(finished, "FINISHED")
+    with pytest.raises(DataError, match=f"run {finished}: already FINISHED"):
+        liveness.take_over(uri, finished)
+    assert client.get_run(finished).info.status == "FINISHED", "refused before anything changed"
+    with pytest.raises(DataError, match="run 0123abcd: not found in the MLflow store .*tracking_uri"):
+        liveness.take_over(uri, "0123abcd")
+    killed = client.create_run(experiment, tags=ended_process_tags()).info.run_id
+    client.set_terminated(killed, "KILLED")
+    assert liveness.take_over(uri, killed) is None
+    run = client.get_run(killed)
+    assert run.data.tags[liveness.PID_TAG] == str(os.getpid()), "the resuming process owns it from now"
+    assert run.info.status == "KILLED", "reopened RUNNING only when training starts"
+
+
+HOLD = """
+import sys, time
+from medexp.tracking import liveness
+liveness.hold_run_folder(sys.argv[1])
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_one_owner_per_run_folder_until_the_owner_dies(tmp_path: Path):
+    """A process holding the run folder (as a training or resuming job does from before its data
+    preparation) makes a second owner fail in one line naming it; once it is SIGKILLed the folder is free:
+    the kernel drops the flock, nothing stale is left to clean up."""
+    owner = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "held"
+        with pytest.raises(DataError, match=f"being trained by pid {owner.pid} on {socket.gethostname()}"):
+            liveness.hold_run_folder(tmp_path)
+    finally:
+        owner.kill()
+        owner.wait()
+    liveness.hold_run_folder(tmp_path)  # the dead owner's lock went with it
+    liveness.hold_run_folder(tmp_path)  # held already by this process: nothing to do
+    liveness.release_run_folders()
+    assert liveness._held == {}
+
+
+def test_an_unwritable_run_folder_is_one_line(tmp_path: Path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DataError, match="file/x/.medexp.lock: cannot create the run's lock file"):
+        liveness.hold_run_folder(tmp_path / "file" / "x")

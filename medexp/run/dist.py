@@ -86,6 +86,17 @@ def all_reduce_mean(value: float, ctx: DistContext) -> float:
     return float(t.item()) / ctx.world_size
 
 
+def all_finite(value: torch.Tensor, ctx: DistContext) -> bool:
+    """Whether `value` is finite on every rank: the same answer on all ranks (an all-reduce of a 0/1
+    flag with MIN), so that they all go on to backward or all stop; without DDP, torch.isfinite."""
+    finite = bool(torch.isfinite(value).all())
+    if not ctx.distributed:
+        return finite
+    flag = torch.tensor([int(finite)], dtype=torch.int32, device=ctx.device)
+    torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def broadcast_object(obj, ctx: DistContext):
     """rank 0's `obj` on every rank."""
     if not ctx.distributed:

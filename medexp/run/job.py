@@ -6,6 +6,9 @@ the SweepParentRun callback summarises the sweep at the end.
 Before anything else a job writes its start record (medexp.run.restore.write_record), so that even a kill
 before its first checkpoint leaves a folder that `resume` continues, and marks the runs of this host whose
 process is gone as KILLED (medexp.tracking.liveness), so that skip_finished and resume see the truth.
+It owns its run folder from then to its end (liveness.hold_run_folder; a resume locks the resumed run's
+folder instead), stops on SIGTERM as on Ctrl-C, and a parallel launcher's worker stops when its launcher
+dies (medexp.run.runtime).
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from medexp.errors import USER_ERRORS
-from medexp.run import gpus, train
+from medexp.run import gpus, runtime, train
 from medexp.run.restore import result_overrides, write_record
-from medexp.tracking.liveness import mark_dead_runs
+from medexp.tracking.liveness import hold_run_folder, mark_dead_runs, release_run_folders
 from medexp.tracking.queries import finished_run
+from medexp.tracking.runs import check_experiment_name
 from medexp.tracking.store import resolve_uri
-from medexp.tracking.sweep import read_parent, write_status
+from medexp.tracking.sweep import LAUNCHER_PID, read_parent, write_status
 
 
 def hydra_job(cfg: DictConfig) -> float | None:
@@ -43,6 +47,18 @@ def hydra_job(cfg: DictConfig) -> float | None:
         "title": f"job {hc.job.num + 1}/{size}" if multirun else "train",
     }
     status = {"job": hc.job.num if multirun else 0, "overrides": " ".join(job["overrides"])}
+    launcher = int(os.environ.get(LAUNCHER_PID, "0"))
+    if multirun and launcher not in (0, os.getpid()) and os.getppid() == launcher:  # a joblib worker
+        runtime.end_with_parent(launcher)
+    with runtime.stop_on_sigterm():
+        try:
+            return _job(cfg, output_dir, hc.sweep.dir if multirun else None, job, status)
+        finally:
+            release_run_folders()
+
+
+def _job(cfg: DictConfig, output_dir: str, sweep_dir: str | None, job: dict, status: dict) -> float | None:
+    multirun = sweep_dir is not None
     owner = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 touches the store
     if owner and not cfg.resume:
         try:
@@ -50,6 +66,7 @@ def hydra_job(cfg: DictConfig) -> float | None:
         except OmegaConfBaseException:  # reported by train.run with its own message
             config_yaml = OmegaConf.to_yaml(cfg)
         write_record(output_dir, config_yaml, job)
+        hold_run_folder(output_dir)  # a resume of this run is refused while this job lives
     if owner:
         mark_dead_runs(resolve_uri(cfg.tracking_uri))
     if multirun and cfg.sweep.skip_finished:
@@ -59,8 +76,9 @@ def hydra_job(cfg: DictConfig) -> float | None:
             write_status(output_dir, {**status, "status": "skipped", "run_id": done})
             return None
     try:
+        check_experiment_name(cfg.experiment_name)
         if multirun:
-            gpus.pin_gpus(cfg.sweep.gpus_per_job, hc.sweep.dir)
+            gpus.pin_gpus(cfg.sweep.gpus_per_job, sweep_dir)
         result = train.run(cfg, output_dir, job)
     except USER_ERRORS as err:
         write_status(output_dir, {**status, "status": "failed", "error": str(err)})

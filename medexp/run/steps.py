@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medexp.run.dist import DistContext
+from medexp.run.dist import DistContext, all_finite
 
 
 @dataclass
@@ -62,6 +62,10 @@ def train_epoch(
 ) -> float:
     """One pass over the training loader; the mean loss, or NaN as soon as a step's loss is not finite.
 
+    Under DDP the ranks first agree whether the step's loss is finite on every rank (one all-reduce of a
+    flag, `dist.all_finite`), and all return NaN together: a rank leaving before backward while the others
+    enter backward's gradient all-reduce would leave the collectives unmatched, and the job hanging.
+
     `augment` (images, labels) -> (images, labels) runs on the batch once it is on the device
     (trainer.augment_on_device; medexp.data.loaders.DeviceAugment). The network runs under the autocast of
     `numerics`; the loss is computed outside it, in float32 from the logits, as PyTorch's AMP recipe has it
@@ -81,7 +85,7 @@ def train_epoch(
         with numerics.autocast():
             logits = net(image)  # (B, K, *S)
         loss = loss_fn(logits.float(), label)
-        if not torch.isfinite(loss):
+        if not all_finite(loss, ctx):
             return math.nan
         numerics.scaler.scale(loss).backward()
         numerics.scaler.step(optimizer)

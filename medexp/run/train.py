@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 from monai.utils import set_determinism
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
@@ -23,15 +22,16 @@ from torch.nn.parallel import DistributedDataParallel
 from medexp.config.build import build_loss, build_model, build_optimizer, build_scheduler
 from medexp.config.flat import flatten, to_yaml
 from medexp.config.validate import validate
+from medexp.errors import ConfigError
 from medexp.evaluation.floor import TemplatePredictor, majority_template
 from medexp.evaluation.inference import evaluate
 from medexp.evaluation.summary import foreground_means, write_case_csv
 from medexp.report.run_plots import log_run_plots
-from medexp.run import checkpoint, dist
+from medexp.run import checkpoint, dist, runtime
 from medexp.run.data import JobData, class_frequencies, job_data
 from medexp.run.progress import TrainProgress
 from medexp.run.records import checkpoint_state, log_conv_impls, print_result, run_name, run_tags
-from medexp.run.restore import RestoredRun, restore, restore_for_resume
+from medexp.run.restore import RestoredRun, load_weights, restore, restore_for_resume
 from medexp.run.steps import numerics, ranks_in_sync, train_epoch
 from medexp.tracking.runs import RunTracker
 from medexp.tracking.store import resolve_uri
@@ -62,7 +62,7 @@ def run(cfg: DictConfig, output_dir: str | Path, job: dict[str, Any] | None = No
     resume_from = str(restored.path) if restored and restored.path else None
     started = restored.started_run_id if restored else None
     args = (cfg.trainer.devices, cfg_yaml, str(output_dir), job, dist.free_port(), resume_from, started)
-    mp.spawn(_spawned_worker, args=args, nprocs=cfg.trainer.devices)
+    runtime.spawn_workers(_spawned_worker, args, cfg.trainer.devices)  # SIGTERM reaches the workers too
     return OmegaConf.to_container(OmegaConf.load(output_dir / RESULT_FILE))
 
 
@@ -70,7 +70,11 @@ def resumed_config(restored: RestoredRun, cfg: DictConfig, overrides: list[str])
     """The run's own config (from its checkpoint), with the command's trainer.* and tracking_uri overrides.
 
     The run's model, loss, data and learning rate are what it was started with; only the budget and
-    hardware (e.g. trainer.max_epochs=400, trainer.devices=2) may change on resume.
+    hardware (e.g. trainer.max_epochs=400, trainer.devices=2) may change on resume. Any other override
+    that differs from the run's own value is refused (one line naming it) rather than silently ignored.
+
+    Raises:
+        ConfigError: an override that a resume does not apply.
     """
     resumed = restored.cfg.copy()
     resumed.resume = cfg.resume
@@ -78,7 +82,18 @@ def resumed_config(restored: RestoredRun, cfg: DictConfig, overrides: list[str])
         key = override.split("=", 1)[0].lstrip("+~")
         if key.startswith(RESUMABLE_KEYS):
             OmegaConf.update(resumed, key, OmegaConf.select(cfg, key), force_add=False)
+        elif key != "resume" and _value(cfg, key) != _value(restored.cfg, key):
+            raise ConfigError(
+                f"resume: override {override} is not applied: a resumed run keeps its own config and only "
+                "trainer.* and tracking_uri may change; drop it, or start a new run with it"
+            )
     return resumed
+
+
+def _value(cfg: DictConfig, key: str) -> Any:
+    """The resolved value of `key` (a group's whole node, e.g. kernel) as plain data, or None."""
+    node = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def _spawned_worker(rank, world_size, cfg_yaml, output_dir, job, port, resume_from, started=None) -> None:
@@ -91,7 +106,8 @@ def _spawned_worker(rank, world_size, cfg_yaml, output_dir, job, port, resume_fr
     restored = restore(resume_from) if resume_from else None
     if started:  # resumed before its first checkpoint: from scratch into the run it had created
         restored = RestoredRun(cfg, None, Path(output_dir), None, started_run_id=started)
-    train_worker(rank, world_size, cfg, Path(output_dir), job, port, restored)
+    with runtime.stop_on_sigterm():
+        train_worker(rank, world_size, cfg, Path(output_dir), job, port, restored)
 
 
 def train_worker(
@@ -113,7 +129,7 @@ def train_worker(
         tracker.finish("KILLED")
         raise
     except BaseException as err:
-        if tracker.run_id:
+        if tracker.run_id and not tracker.ended:  # an ended (FINISHED) run keeps its status and tags
             tracker.set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
         tracker.finish("FAILED")
         raise
@@ -149,7 +165,7 @@ def _train(cfg, ctx: dist.DistContext, output_dir: Path, job: dict, tracker: Run
     scheduler = build_scheduler(cfg, optimizer, cfg.trainer.max_epochs)
     start_epoch, best, last_metrics = 0, -math.inf, {}
     if state:
-        model.load_state_dict(state["model"])
+        load_weights(model, state["model"], restored.path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])

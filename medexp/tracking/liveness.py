@@ -12,10 +12,16 @@ Runs of other hosts (or of other pid namespaces, e.g. containers sharing the hos
 are: their processes cannot be seen from here, and a timeout cannot tell a dead node from a long epoch, a
 long preprocessing or a suspended job. A stale RUNNING run misleads no result (report and skip_finished
 count FINISHED runs only); its tags say where it ran, and `resume=RUN_ID` from any host takes it over.
+
+One owner per run folder: the process that trains (or resumes) a run holds an exclusive lock on
+`<output folder>/.medexp.lock` (flock(2), released by the kernel when the process dies, however it dies)
+from before its data preparation to its end (`hold_run_folder`), so a second `resume` of the same run is
+refused in one line while the first lives, even before the first has reopened the MLflow run.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 from pathlib import Path
@@ -28,6 +34,8 @@ HOST_TAG = "medexp.host"
 PID_TAG = "medexp.pid"
 PROCESS_TAG = "medexp.process"
 ENDED_TAG = "medexp.ended"
+LOCK_FILE = ".medexp.lock"
+_held: dict[str, int] = {}  # run folder -> descriptor of its lock file, while this process owns the run
 
 
 def _read(path: str) -> str | None:
@@ -144,17 +152,40 @@ def mark_dead_runs(uri: str) -> list[str]:
 
 
 def take_over(uri: str, run_id: str) -> str | None:
-    """Check that `resume` may reopen `run_id`.
+    """Check that `resume` may reopen `run_id`, and record this process as its owner (process tags; the
+    status is left as it is until training starts, so a resume that fails during data preparation leaves
+    the run as it found it).
 
     Returns:
         None, or a notice when the run is RUNNING on a host whose processes cannot be seen from here.
 
     Raises:
-        DataError: the run's own process still runs on this host (two processes must not train one run).
+        DataError: the run is not in the store `uri`, is FINISHED (a finished run is never reopened: its
+            result would change or be lost), or its own process still runs on this host.
     """
-    run = client(uri).get_run(run_id)
-    if run.info.status != "RUNNING":
-        return None
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(uri)
+    try:
+        run = mlflow_client.get_run(run_id)
+    except MlflowException as err:
+        raise DataError(
+            f"run {run_id}: not found in the MLflow store {uri}; resume with the store it was trained in "
+            "(tracking_uri=...)"
+        ) from err
+    if run.info.status == "FINISHED":
+        raise DataError(
+            f"run {run_id}: already FINISHED; a finished run is not resumed (its result would change), "
+            "start a new run to train longer"
+        )
+    notice = _check_running(run_id, run) if run.info.status == "RUNNING" else None
+    from mlflow.entities import RunTag
+
+    mlflow_client.log_batch(run_id, tags=[RunTag(k, v) for k, v in process_tags().items()])
+    return notice
+
+
+def _check_running(run_id: str, run) -> str | None:
     tags = run.data.tags
     gone = is_gone(tags)
     if gone is False:
@@ -168,3 +199,40 @@ def take_over(uri: str, run_id: str) -> str | None:
             "cannot be checked from here; resuming takes it over"
         )
     return None
+
+
+def hold_run_folder(folder: str | Path) -> None:
+    """Make this process the only owner of the run in `folder`: an exclusive flock(2) on its lock file,
+    held until `release_run_folder` or the process's end (the kernel drops it on any death, SIGKILL
+    included, so a lock is never left stale). Calling it again for a folder already held does nothing.
+
+    Raises:
+        DataError: another process holds the folder (it names that process); or the folder cannot be
+            written (one line naming it).
+    """
+    key = str(Path(folder).resolve())
+    if key in _held:
+        return
+    path = Path(key) / LOCK_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise DataError(f"{path}: cannot create the run's lock file: {err.strerror or err}") from err
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise DataError(
+            f"{key}: this run is being trained by {owner}; wait for it to end (or stop it) before resuming it"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    _held[key] = fd
+
+
+def release_run_folders() -> None:
+    """Give up every ownership taken by `hold_run_folder` (the job has ended; the lock files stay)."""
+    while _held:
+        os.close(_held.popitem()[1])  # closing the last descriptor releases the flock

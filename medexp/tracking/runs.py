@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medexp.errors import DataError
+from medexp.errors import ConfigError, DataError
 from medexp.tracking.liveness import process_tags
 from medexp.tracking.store import client, experiment_id, resolve_uri, run_context_tags
 
@@ -18,6 +18,7 @@ class RunTracker:
     def __init__(self, active: bool = True) -> None:
         self.active = active
         self.run_id: str | None = None
+        self.ended: str | None = None  # the status this tracker ended its run with
         self._client = None
 
     def start(
@@ -133,15 +134,37 @@ class RunTracker:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
 
     def finish(self, status: str = "FINISHED") -> None:
-        """End the run as FINISHED, FAILED or KILLED (and MLflow's active run, if it is this one)."""
-        if self.active and self.run_id:
+        """End the run as FINISHED, FAILED or KILLED (and MLflow's active run, if it is this one).
+
+        Only once: a signal or error after the run has ended (e.g. Ctrl-C while the result table prints)
+        must not turn a FINISHED run into KILLED or FAILED."""
+        if self.active and self.run_id and self.ended is None:
             import mlflow
+
+            self.ended = status
 
             active = mlflow.active_run()
             if active is not None and active.info.run_id == self.run_id:
                 mlflow.end_run(status=status)
             else:
                 self._client.set_terminated(self.run_id, status=status)
+
+
+def check_experiment_name(name: str) -> None:
+    """Refuse, in one line, an experiment name MLflow would refuse when the run is created (MLflow's own
+    validation: e.g. at most 500 characters).
+
+    Raises:
+        ConfigError: naming the key and MLflow's reason.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_experiment_name
+
+    try:
+        _validate_experiment_name(name)
+    except MlflowException as err:
+        shown = name if len(name) <= 60 else f"{name[:40]}... ({len(name)} characters)"
+        raise ConfigError(f"experiment_name={shown}: refused by MLflow: {err.message}") from None
 
 
 def find_output_dir(run_id: str, uri: str | None = None) -> str:

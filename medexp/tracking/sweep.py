@@ -7,17 +7,53 @@ sweep folder and nests under it, and records how it ended in its own folder for 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from medexp.tracking.liveness import process_tags
 from medexp.tracking.store import client, experiment_id, resolve_uri, run_context_tags
+from medexp.tracking.sweep_outcome import GRID, jobs_table, log_outcome
 
 PARENT_FILE = "mlflow_parent.json"
 STATUS_FILE = "medexp_status.json"
+LAUNCHER_PID = "MEDEXP_LAUNCHER_PID"  # the multirun's own process, for its joblib workers (run/runtime.py)
+
+
+def _refuse_start(config: DictConfig, key: str) -> None:
+    """Before Hydra makes the run or sweep folder: a folder that cannot be made, or an experiment name
+    MLflow refuses, ends the command with one line (exit 2) instead of Hydra's traceback. Nothing is
+    created here (the folder name holds ${now:...}, which Hydra resolves again)."""
+    from medexp.errors import MedexpError
+    from medexp.tracking.runs import check_experiment_name
+
+    try:
+        check_experiment_name(str(config.experiment_name))
+        check_folder(OmegaConf.select(config, key), key)
+    except MedexpError as err:
+        print(f"medexp train: error: {err}", file=sys.stderr)
+        sys.exit(2)  # SystemExit passes through Hydra's callbacks: one line, no traceback
+
+
+def check_folder(folder: str | Path, key: str = "hydra.run.dir") -> None:
+    """Refuse, in one line, an output folder that cannot be created: its nearest existing ancestor is not
+    a folder, or cannot be written.
+
+    Raises:
+        DataError: naming the folder and the ancestor.
+    """
+    from medexp.errors import DataError
+
+    path = Path(folder).absolute()
+    ancestor = next(p for p in (path, *path.parents) if p.exists())
+    if not ancestor.is_dir():
+        raise DataError(f"{key}={folder}: cannot be created: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise DataError(f"{key}={folder}: cannot be created: {ancestor} is not writable")
 
 
 def read_parent(sweep_dir: str | Path) -> dict | None:
@@ -44,7 +80,12 @@ class SweepParentRun(Callback):
     failures: list[dict] = []
     active: dict | None = None  # {"run_id", "uri", "experiment"} of the parent while its multirun runs
 
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _refuse_start(config, "hydra.run.dir")
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _refuse_start(config, "hydra.sweep.dir")
+        os.environ[LAUNCHER_PID] = str(os.getpid())  # its joblib workers end when it dies
         uri = resolve_uri(config.get("tracking_uri"))
         mlflow_client = client(uri)
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -79,7 +120,14 @@ class SweepParentRun(Callback):
             print(f"  failed: job {s.get('job')} ({s.get('overrides')}): {s.get('error')}")
         for s in diverged:
             print(f"  diverged: job {s.get('job')} ({s.get('overrides')}) at epoch {s.get('epoch')}")
+        if statuses:
+            print(jobs_table(statuses))
         if parent:
+            sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_") or GRID).rpartition(".")[2]
+            try:  # the study's outcome on the parent run (Optuna: best params and value, trials, history)
+                log_outcome(parent, sweeper, sweep_dir, statuses)
+            except Exception as err:  # noqa: BLE001 - the jobs' runs are logged; say so, end the parent
+                print(f"warning: the sweep's outcome was not logged to run {parent['run_id']}: {err}")
             status = "FAILED" if SweepParentRun.failures else "FINISHED"
             client(parent["uri"]).set_terminated(parent["run_id"], status=status)
         SweepParentRun.active = None
