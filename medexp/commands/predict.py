@@ -13,7 +13,11 @@ affine and header.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +33,7 @@ from medexp.tracking.queries import get_run
 from medexp.tracking.store import resolve_uri
 
 MODEL_URIS = ("runs:/", "models:/")
+PROBABILITIES = "_probabilities.nii.gz"
 
 
 def input_files(inputs: Iterable[str | Path]) -> list[Path]:
@@ -78,7 +83,7 @@ def group_cases(files: list[Path], info: DatasetInfo) -> list[tuple[str, list[Pa
 
 def output_path(out_dir: Path, name: str) -> Path:
     """`out_dir / name`, refused unless `name` is a plain file name (no folder part, no '..', not absolute)
-    and the path stays inside `out_dir` (no symbolic link leading elsewhere).
+    and nothing at that path is a symbolic link (outputs are never written through one).
 
     Raises:
         DataError: one line naming the file name or path.
@@ -86,23 +91,59 @@ def output_path(out_dir: Path, name: str) -> Path:
     if not name or name in (".", "..") or Path(name).name != name or "\\" in name:
         raise DataError(f"{name!r}: not a plain file name; medexp predict writes only inside -o {out_dir}")
     path = out_dir / name
-    if not path.resolve().is_relative_to(out_dir.resolve()):
-        raise DataError(f"{path}: leads outside -o {out_dir} (a symbolic link?); refused")
+    if path.is_symlink():
+        where = "leads outside -o" if not path.resolve().is_relative_to(out_dir.resolve()) else "is a link"
+        raise DataError(f"{path}: {where} {out_dir} (a symbolic link); refused, nothing written")
     return path
 
 
-def check_outputs(cases: list[tuple[str, list[Path]]], out_dir: Path) -> None:
-    """Refuse outputs (see `group_cases`) that escape `out_dir`, that two cases share (one would be lost),
-    or that would overwrite an input (e.g. -o the input folder); one line, before anything is written."""
+def output_names(name: str, probabilities: bool) -> list[str]:
+    """The files one case `name` (see `group_cases`) writes: its label map (an .nhdr input gives an .nrrd),
+    and with `probabilities` `<case>_probabilities.nii.gz`."""
+    labels = f"{name[:-5]}.nrrd" if name.lower().endswith(".nhdr") else name
+    stem = strip_suffix(name, SUFFIXES_3D) or Path(name).stem
+    return [labels, f"{stem}{PROBABILITIES}"] if probabilities else [labels]
+
+
+def check_outputs(cases: list[tuple[str, list[Path]]], out_dir: Path, probabilities: bool = False) -> None:
+    """Refuse outputs (see `output_names`) that escape `out_dir` or sit on a symbolic link, that two cases
+    or files share (one would replace the other: `x` and `x_probabilities` with --probabilities, or names
+    that differ only in case), or that would overwrite an input (e.g. -o the input folder); one line, before
+    anything is written."""
     inputs = {p.resolve() for _, paths in cases for p in paths}
-    seen: dict[Path, Path] = {}
+    seen: dict[str, Path] = {}
     for name, paths in cases:
-        target = output_path(out_dir, name).resolve()
-        if target in inputs:
-            raise DataError(f"{out_dir / name}: would overwrite the input {target}; choose another -o folder")
-        if target in seen:
-            raise DataError(f"{out_dir / name}: both {seen[target]} and {paths[0]} would be written there")
-        seen[target] = paths[0]
+        for out_name in output_names(name, probabilities):
+            target = output_path(out_dir, out_name).resolve()
+            if target in inputs:
+                raise DataError(
+                    f"{out_dir / out_name}: would overwrite the input {target}; choose another -o folder"
+                )
+            key = out_name.casefold()
+            if key in seen:
+                raise DataError(
+                    f"{out_dir / out_name}: both {seen[key]} and {paths[0]} would be written there "
+                    "(one output would replace the other); rename one input"
+                )
+            seen[key] = paths[0]
+
+
+@contextlib.contextmanager
+def placing(out_dir: Path) -> Iterator[Path]:
+    """A private folder (mode 0700) inside `out_dir`: files written there are moved into `out_dir` with
+    os.replace by `place`, which replaces a symbolic link at the target instead of following it, and no
+    one else can swap a file in the private folder for a link while a writer opens it by name."""
+    tmp = Path(tempfile.mkdtemp(prefix=".medexp-predict-", dir=out_dir))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def place(tmp: Path, out_dir: Path) -> None:
+    """Move every file written in `tmp` (a label map and, for MetaImage, its data file) into `out_dir`."""
+    for file in sorted(tmp.iterdir()):
+        os.replace(file, out_dir / file.name)
 
 
 def load_model(source: str, tracking_uri: str | None = None) -> Segmenter:
@@ -161,19 +202,21 @@ def predict(source: str, inputs: list[str], out_dir: str, probabilities: bool = 
     segmenter = load_model(source, tracking_uri)
     cases = group_cases(files, segmenter.info)
     out = Path(out_dir)
-    check_outputs(cases, out)  # before anything is written
+    check_outputs(cases, out, probabilities)  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
+    out = out.resolve()  # one folder, checked, for every write below
     written = []
     for name, paths in track(cases, description="predict"):
         image, affine = read_images(paths, segmenter.info.in_channels)  # (C, X, Y, Z)
         probs = segmenter.probabilities(image, affine)  # (K, X, Y, Z)
-        target = output_path(out, name)
-        write_labels(target, segmenter.labels(probs), paths[0], affine)
-        if probabilities:
-            import nibabel as nib
+        names = output_names(name, probabilities)
+        with placing(out) as tmp:
+            write_labels(tmp / name, segmenter.labels(probs), paths[0], affine)
+            if probabilities:
+                import nibabel as nib
 
-            stem = strip_suffix(name, SUFFIXES_3D) or Path(name).stem
-            per_class = np.moveaxis(probs, 0, -1).astype(np.float32)  # (X, Y, Z, K)
-            nib.save(nib.Nifti1Image(per_class, affine), str(out / f"{stem}_probabilities.nii.gz"))
-        written.append(target)
+                per_class = np.moveaxis(probs, 0, -1).astype(np.float32)  # (X, Y, Z, K)
+                nib.save(nib.Nifti1Image(per_class, affine), str(tmp / names[1]))
+            place(tmp, out)
+        written.append(out / names[0])
     return written
