@@ -53,8 +53,8 @@ def train(ctx: typer.Context) -> None:
     from medexp.config.compose import check
 
     args = list(ctx.args)
-    try:
-        jobs = check(args)  # before torch, MONAI and MLflow are imported: a user error is quick
+    try:  # before torch, MONAI and MLflow are imported: a user error (or a store's fault) is quick
+        jobs = check(args, lambda uris: _check_stores("train", uris, create=True, write=True))
     except USER_ERRORS as err:
         fail("train", err)
     if _prints_only(args):  # --cfg, --info, --help: Hydra prints and never calls the job (nor callbacks)
@@ -110,11 +110,37 @@ def _no_job(cfg) -> None:
 _no_job.__module__ = "medexp.run.job"  # Hydra names the job after the module: `job`, as for a run
 
 
+def _check_stores(command: str, uris, create: bool, write: bool) -> list[str]:
+    """The resolved stores of `uris` (None: $MLFLOW_TRACKING_URI, else the default), each checked up front
+    (medexp.tracking.store.check_store); a fault ends the command with one line."""
+    from medexp.tracking.store import check_store, resolve_uri
+
+    try:
+        resolved = [resolve_uri(u, create=create) for u in uris]
+        for uri in resolved:
+            check_store(uri, create=create, write=write)
+    except USER_ERRORS as err:
+        fail(command, err)
+    return resolved
+
+
+def _fail_naming_the_store(command: str, err: Exception) -> None:
+    """`fail`, with where to point at another store added to a message about a store or run."""
+    from medexp.tracking.store import ELSEWHERE
+
+    text = str(err)
+    if ("store" in text or "run" in text) and "--tracking-uri" not in text:
+        text = f"{text}; {ELSEWHERE}"
+    fail(command, type(err)(text))
+
+
 def main() -> None:
     """Console-script entry point."""
     from medexp.run import runtime
 
     runtime.configure()  # before anything imports torch
+    if not sys.stderr.isatty():  # a log or a pipe: no ANSI colour codes (Optuna's colorlog reads NO_COLOR)
+        os.environ.setdefault("NO_COLOR", "1")
     app()
 
 
@@ -157,14 +183,15 @@ def report(
     log: bool = typer.Option(True, "--log/--no-log", help="Log the files to the sweep's parent run."),
 ) -> None:
     """Fig. 3 (test Dice vs learning rate) and Table 1 (per-label Dice at one lr) from the MLflow runs."""
+    (uri,) = _check_stores("report", [tracking_uri], create=False, write=log)  # never creates a store
     from medexp.report.make import make_report
     from medexp.tracking.liveness import mark_dead_runs
-    from medexp.tracking.store import resolve_uri
 
-    mark_dead_runs(resolve_uri(tracking_uri))  # runs whose process died are KILLED, not live (§9)
+    if log:  # --no-log writes nothing to the store
+        mark_dead_runs(uri)  # runs whose process died are KILLED, not live (§9)
     try:
         result = make_report(
-            resolve_uri(tracking_uri),
+            uri,
             experiment=experiment,
             sweep=sweep,
             lr=lr,
@@ -172,7 +199,7 @@ def report(
             log=log,
         )
     except USER_ERRORS as err:
-        fail("report", err)
+        _fail_naming_the_store("report", err)
     print(result.summary())
 
 
@@ -183,12 +210,18 @@ def ui(
         "127.0.0.1", "--host", help="Interface to bind (0.0.0.0 exposes it to the network)."
     ),
     tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow store (default: as medexp train)."),
+    allowed_hosts: str = typer.Option(
+        None,
+        "--allowed-hosts",
+        help="Host headers to answer (MLflow's --allowed-hosts; default beyond loopback: this machine's "
+        "names and addresses, localhost and private IPs).",
+    ),
 ) -> None:
     """MLflow UI over the project's store; Ctrl-C stops the server and every process it started."""
+    (uri,) = _check_stores("ui", [tracking_uri], create=False, write=True)  # never creates a store
     from medexp.commands.ui import serve
-    from medexp.tracking.store import resolve_uri
 
-    raise typer.Exit(serve(resolve_uri(tracking_uri), host=host, port=port))
+    raise typer.Exit(serve(uri, host=host, port=port, allowed_hosts=allowed_hosts))
 
 
 @app.command()
@@ -203,12 +236,13 @@ def evaluate(
     from rich.console import Console
     from rich.table import Table
 
+    (uri,) = _check_stores("evaluate", [tracking_uri], create=False, write=True)  # never creates a store
     from medexp.commands.evaluate import evaluate_run
 
     try:
-        metrics = evaluate_run(run_id, split, tracking_uri)
+        metrics = evaluate_run(run_id, split, uri)
     except USER_ERRORS as err:
-        fail("evaluate", err)
+        _fail_naming_the_store("evaluate", err)
     table = Table(title=f"run {run_id}: {split}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -250,10 +284,12 @@ def predict(
     ),
 ) -> None:
     """Segment images with a trained model; label maps in the dataset's values, on the inputs' grids."""
+    if not os.path.exists(model) or tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        (tracking_uri,) = _check_stores("predict", [tracking_uri], create=False, write=False)
     from medexp.commands.predict import predict as run_predict
 
     try:
         written = run_predict(model, inputs, output, probabilities, tracking_uri)
     except USER_ERRORS as err:
-        fail("predict", err)
+        _fail_naming_the_store("predict", err)
     print(f"wrote {len(written)} label map(s) to {output}")

@@ -46,24 +46,55 @@ def exposure_warning(host: str) -> str | None:
 
 
 def build_command(
-    uri: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, workers: int = 1
+    uri: str,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    workers: int = 1,
+    allowed_hosts: str | None = None,
 ) -> list[str]:
     """The `mlflow server` command line for store `uri` (the interpreter running medexp runs mlflow too).
 
     With a sqlite store, artifacts uploaded through the server go to mlartifacts/ next to the database,
-    where medexp's own runs keep theirs.
+    where medexp's own runs keep theirs. Uvicorn logs warnings only (no line per request). MLflow's
+    security middleware answers only requests whose Host header it allows (default: localhost and
+    private IPs); a server bound beyond loopback also allows this machine's names and addresses
+    (`allowed_host_headers`), or `allowed_hosts` as given (MLflow's --allowed-hosts syntax).
     """
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
     command += ["--host", host, "--port", str(port), "--workers", str(workers)]
+    command += ["--uvicorn-opts", "--no-access-log --log-level warning"]
+    if allowed_hosts or exposure_warning(host):
+        command += ["--allowed-hosts", allowed_hosts or ",".join(allowed_host_headers(host))]
     if uri.startswith("sqlite:"):  # next to the database, where medexp's own runs keep theirs
         command += ["--artifacts-destination", artifact_location(uri) or str(DEFAULT_ARTIFACTS.resolve())]
     return command
+
+
+def allowed_host_headers(host: str) -> list[str]:
+    """MLflow's default Host headers (localhost, private IPs), plus this machine's host name, fully
+    qualified name and addresses, and `host` itself unless it is a wildcard address, each on any port."""
+    import socket
+
+    from mlflow.server.security_utils import get_default_allowed_hosts
+
+    names = {socket.gethostname(), socket.getfqdn()}
+    if host not in ("0.0.0.0", "::", ""):
+        names.add(f"[{host}]" if ":" in host else host)
+    try:
+        names.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:  # a host name that does not resolve: the names above still count
+        pass
+    own = sorted(n for n in names if n)
+    return [*get_default_allowed_hosts(), *own, *(f"{n}:*" for n in own)]
 
 
 def server_env() -> dict[str, str]:
     """The environment of the server: ours, without a job runner (see the module docstring)."""
     env = dict(os.environ)
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    # Starlette's deprecation notice about MLflow's own middleware is not the user's to act on
+    quiet = "ignore::starlette.exceptions.StarletteDeprecationWarning"
+    env["PYTHONWARNINGS"] = ",".join(w for w in (env.get("PYTHONWARNINGS"), quiet) if w)
     env.pop("MLFLOW_TRACKING_URI", None)  # the server gets its store from --backend-store-uri only
     return env
 
@@ -138,7 +169,11 @@ class _Stop(Exception):
 
 
 def serve(
-    uri: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, announce: Callable[[str], None] = print
+    uri: str,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    announce: Callable[[str], None] = print,
+    allowed_hosts: str | None = None,
 ) -> int:
     """Run the MLflow server over `uri` until it exits or medexp gets SIGINT/SIGTERM/SIGHUP.
 
@@ -156,7 +191,7 @@ def serve(
     previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     proc = None
     try:
-        proc = start(build_command(uri, host, port))
+        proc = start(build_command(uri, host, port, allowed_hosts=allowed_hosts))
         shown = f"[{host}]" if ":" in host else host
         announce(f"MLflow UI: http://{shown}:{port}  (store {uri}; Ctrl-C stops it)")
         return proc.wait()

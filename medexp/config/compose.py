@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -97,7 +97,7 @@ def searching(args: list[str]):
         _EXTRA_DIRS, _CONFIG_NAME = saved
 
 
-def check(args: list[str]) -> int:
+def check(args: list[str], check_stores: Callable[[set], None] | None = None) -> int:
     """Raise ConfigError for the first bad override among `args` (a `medexp train` command line).
 
     Every value of every sweep is checked: choice and range sweeps value by value, interval sweeps (Optuna's
@@ -107,15 +107,17 @@ def check(args: list[str]) -> int:
 
     Returns:
         The number of jobs the command will run (1 for a single run; `hydra.sweeper.n_trials` for Optuna).
+        `check_stores`, if given, is called with the set of `tracking_uri`s of every composition (None: the
+        default store) after the values are checked and before the targets are imported (torch).
     """
     overrides, multirun, helping = split_args(args)
     if helping:
         return 1
     with searching(args):
-        return _check(args, overrides, multirun)
+        return _check(args, overrides, multirun, check_stores)
 
 
-def _check(args: list[str], overrides: list[str], multirun: bool) -> int:
+def _check(args: list[str], overrides: list[str], multirun: bool, check_stores=None) -> int:
     printing = any(a in ("--cfg", "-c", "--info", "-i") for a in args)
     sweeps: dict[str, list[str]] = {}
     fixed: list[str] = []
@@ -148,13 +150,17 @@ def _check(args: list[str], overrides: list[str], multirun: bool) -> int:
                 f"{intervals[0]}: an interval needs a sweeper that samples it, e.g. hydra/sweeper=optuna"
             )
         jobs = int(trials) if trials is not None else math.prod(len(v) for v in sweeps.values())
-    for variant in _variants(fixed, sweeps):
-        cfg = compose_config(variant)
+    configs = [compose_config(variant) for variant in _variants(fixed, sweeps)]
+    for cfg in configs:
         validate(cfg)
-        if not printing:  # importing the targets loads torch: not for --cfg or --info, which print only
-            from medexp.config.build import check_importable
+    if printing:  # --cfg or --info print only: no store, and no target import (which loads torch)
+        return jobs
+    if check_stores is not None:
+        check_stores({cfg.tracking_uri for cfg in configs})
+    from medexp.config.build import check_importable
 
-            check_importable(cfg)
+    for cfg in configs:
+        check_importable(cfg)
     return jobs
 
 

@@ -20,6 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 from medexp.config.paths import sqlite_file
+from medexp.errors import DataError
 
 DEFAULT_DB = Path("outputs") / "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -28,24 +29,129 @@ BUILD_INFO = Path(__file__).parents[1] / "_build_info.json"  # written into whee
 
 # MLflow's tqdm bars ("Downloading artifacts") on every model load would fill logs and stderr.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow retries a failed HTTP request 7 times with a backoff factor of 2 and waits 120 s for each answer:
+# a server that is down cost 254-270 s before the first error (docs/faults.md "Stores"). Two retries and
+# 30 s per request still ride out a server restart; `check_store` probes the server before any of it.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+PROBE_TIMEOUT = 5.0  # seconds the up-front probe of an http(s) store waits for an answer
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database file
+ELSEWHERE = "another store: --tracking-uri URI or MLFLOW_TRACKING_URI (the option wins)"
 
 
-def resolve_uri(uri: str | None = None) -> str:
-    """tracking_uri if given, else $MLFLOW_TRACKING_URI, else the project's sqlite store (absolute path)."""
+def resolve_uri(uri: str | None = None, create: bool = True) -> str:
+    """tracking_uri if given, else $MLFLOW_TRACKING_URI, else the project's sqlite store (absolute path).
+
+    `create=False` (read-only commands) leaves the default store's folder alone when it is missing."""
     if uri:
         return str(uri)
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    DEFAULT_DB.parent.mkdir(parents=True, exist_ok=True)
+    if create:
+        DEFAULT_DB.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{DEFAULT_DB.resolve()}"
+
+
+def check_store(uri: str, create: bool = True, write: bool = True) -> None:
+    """Check, before a command uses it, that the store `uri` can serve it; each fault is one line.
+
+    A sqlite store must be a SQLite database that passes `PRAGMA quick_check` (an empty file is refused,
+    where MLflow would silently make a new store in it), exist unless `create`, and be writable with its
+    folder (SQLite writes its journal there) when `write`; an http(s) store must answer within
+    PROBE_TIMEOUT seconds. Other stores are left to MLflow.
+
+    Raises:
+        DataError: naming the store, the fault and how to point at another store.
+    """
+    database = sqlite_file(uri)
+    if database is not None:
+        _check_sqlite(uri, database.absolute(), create, write)
+    elif uri.startswith(("http://", "https://")):
+        _probe_server(uri)
+
+
+def _check_sqlite(uri: str, database: Path, create: bool, write: bool) -> None:
+    if not database.exists():
+        if not create:
+            raise DataError(f"no MLflow store at {database} ({uri}); {ELSEWHERE}")
+        ancestor = next(p for p in database.parents if p.exists())
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise DataError(f"{uri}: cannot create the store: {ancestor} is not writable; {ELSEWHERE}")
+        return
+    if not database.is_file():
+        raise DataError(f"{database}: not a file, so not an MLflow store; {ELSEWHERE}")
+    try:
+        with open(database, "rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+    except OSError as err:
+        raise DataError(f"{database}: cannot be read ({err.strerror}); {ELSEWHERE}") from err
+    if not header:
+        raise DataError(
+            f"{database}: an empty file, not an MLflow store (it is not replaced by a new one); remove it "
+            f"to start a new store there, or use {ELSEWHERE}"
+        )
+    if header != SQLITE_HEADER:
+        raise DataError(f"{database}: not a SQLite database (damaged, or another file); {ELSEWHERE}")
+    _quick_check(database)
+    if write and not os.access(database, os.W_OK):
+        raise DataError(f"{database}: read-only, and this command writes to the store; {ELSEWHERE}")
+    if write and not os.access(database.parent, os.W_OK | os.X_OK):
+        raise DataError(
+            f"{database.parent}: not writable, and SQLite writes its journal next to {database.name}; "
+            f"{ELSEWHERE}"
+        )
+
+
+def _quick_check(database: Path) -> None:
+    """SQLite's own consistency check (PRAGMA quick_check: every page and b-tree, no index contents), on
+    a read-only connection: a truncated or damaged file is one line here, not a traceback later."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            result = con.execute("PRAGMA quick_check").fetchall()
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.Error as err:
+        raise DataError(f"{database}: damaged SQLite database ({err}); {ELSEWHERE}") from err
+    if result != [("ok",)]:
+        raise DataError(f"{database}: damaged SQLite database (quick_check: {result[0][0]}); {ELSEWHERE}")
+    if tables and "alembic_version" not in tables:  # MLflow's schema version table
+        raise DataError(f"{database}: a SQLite database but not an MLflow store; {ELSEWHERE}")
+
+
+def _probe_server(uri: str) -> None:
+    """One GET of the server's /health within PROBE_TIMEOUT: any HTTP answer means a server listens."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT).close()
+    except urllib.error.HTTPError:
+        return  # it answered (401, 404, ...): MLflow reports what the answer means
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise DataError(
+            f"MLflow server {uri}: not reachable ({reason}); start it, or use {ELSEWHERE}"
+        ) from err
+
+
+_CHECKED: set[str] = set()
 
 
 def client(uri: str):
     """An MlflowClient on `uri` (imported lazily: mlflow is slow to import) whose calls wait out a locked
-    sqlite database (`LockRetrying`); a new sqlite store is created by one process at a time."""
+    sqlite database (`LockRetrying`); a new sqlite store is created by one process at a time. The store
+    is checked once per process first (`check_store`: a damaged or empty file, or a server that does not
+    answer, is one line)."""
     from mlflow.tracking import MlflowClient
 
-    with _creating(uri):
+    with _creating(uri):  # checked inside: a store another process is creating is not "empty"
+        if uri not in _CHECKED:
+            check_store(uri, create=True, write=False)
+            _CHECKED.add(uri)
         return LockRetrying(MlflowClient(tracking_uri=uri))  # MlflowClient opens (creates) the store
 
 
@@ -97,15 +203,22 @@ def _creating(uri: str):
     exists") that every later command fails on.
     """
     database = sqlite_file(uri)
-    if uri in _CREATED or database is None:
+    existing = database is not None and database.is_file() and database.stat().st_size > 0
+    if uri in _CREATED or database is None or existing:  # an existing store: nothing to create, no lock
         yield
         return
-    database.parent.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
         fcntl = None
-    with open(f"{database}.lock", "a") as lock:
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(f"{database}.lock", "a")  # noqa: SIM115 - closed by the with below
+    except OSError as err:
+        raise DataError(
+            f"{uri}: cannot create the store ({err.strerror}: {err.filename}); {ELSEWHERE}"
+        ) from err
+    with lock:
         if fcntl:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         yield
