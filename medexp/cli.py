@@ -116,7 +116,7 @@ def _check_stores(command: str, uris, create: bool, write: bool) -> list[str]:
     from medexp.tracking.store import check_store, resolve_uri
 
     try:
-        resolved = [resolve_uri(u, create=create) for u in uris]
+        resolved = [resolve_uri(u, create=False) for u in uris]  # checking creates nothing, not even outputs/
         for uri in resolved:
             check_store(uri, create=create, write=write)
     except USER_ERRORS as err:
