@@ -163,3 +163,82 @@ def test_ctrl_c_during_a_sweep_leaves_no_run_running(workdir: Path):
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert [r.info.status for r in parents] == ["KILLED"], stderr.decode()[-2000:]
     assert [r.info.status for r in children] == ["KILLED"], "only the first job started"
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """{pid: start time} of every live descendant of `pid`, from /proc."""
+    from medexp.tracking.liveness import start_ticks
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = {}, list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        ticks = start_ticks(child)
+        if ticks:
+            found[child] = ticks
+        todo += children.get(child, [])
+    return found
+
+
+def is_loky_worker(pid: int) -> bool:
+    try:
+        return b"LokyProcess" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def still_alive(processes: dict[int, str]) -> list[int]:
+    from medexp.tracking.liveness import start_ticks
+
+    return [pid for pid, ticks in processes.items() if start_ticks(pid) == ticks]
+
+
+def wait_gone(processes: dict[int, str], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while still_alive(processes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return still_alive(processes)
+
+
+def test_control_sigkill_to_a_plain_joblib_parent_leaves_its_workers_running(tmp_path: Path):
+    code = "from joblib import Parallel, delayed; import time; Parallel(n_jobs=2)(delayed(time.sleep)(60) "
+    code += "for _ in range(2))"
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while sum(map(is_loky_worker, descendants(parent.pid))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = {pid: t for pid, t in descendants(parent.pid).items() if is_loky_worker(pid)}
+    parent.kill()
+    parent.wait()
+    try:
+        assert len(still_alive(workers)) == 2, "without a watch, the workers outlive their parent"
+    finally:
+        for pid in still_alive(workers):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_sigkill_to_a_joblib_multirun_ends_its_workers_and_their_runs(workdir: Path):
+    """SIGKILL to the parent of a 2-job joblib multirun while its jobs train: each worker notices that its
+    launcher is gone (medexp.run.runtime.end_with_parent), ends its job as on SIGTERM (run KILLED) and exits
+    within seconds; none is left reparented to init holding its memory."""
+    args = [sys.executable, "-m", "medexp", "train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    args += ["seed=1,2", *TINY, "trainer.max_epochs=500", "experiment_name=orphans"]
+    proc, ckpt = start_until_checkpoint(args, workdir, "multirun/*/*/*/checkpoints/last.pt")
+    assert ckpt is not None and proc.poll() is None, "a job was training when the parent was killed"
+    workers = {pid: t for pid, t in descendants(proc.pid).items() if is_loky_worker(pid)}
+    assert len(workers) == 2, workers
+    proc.kill()
+    proc.wait()
+    left = wait_gone(workers, timeout=60)
+    for pid in left:  # never leave them behind, even when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], "the launcher's workers outlived it"
+    _, runs = runs_of(workdir, "orphans")
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert children and all(r.info.status == "KILLED" for r in children), [r.info.status for r in children]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import sys
 from pathlib import Path
 
 from medexp.config.paths import sqlite_file
@@ -203,7 +204,7 @@ def _check_running(run_id: str, run) -> str | None:
 
 def hold_run_folder(folder: str | Path) -> None:
     """Make this process the only owner of the run in `folder`: an exclusive flock(2) on its lock file,
-    held until `release_run_folder` or the process's end (the kernel drops it on any death, SIGKILL
+    held until `release_run_folders` or the process's end (the kernel drops it on any death, SIGKILL
     included, so a lock is never left stale). Calling it again for a folder already held does nothing.
 
     Raises:
@@ -227,6 +228,11 @@ def hold_run_folder(folder: str | Path) -> None:
         raise DataError(
             f"{key}: this run is being trained by {owner}; wait for it to end (or stop it) before resuming it"
         ) from None
+    except OSError as err:  # a filesystem without locks (e.g. NFS without lockd): train, unguarded
+        os.close(fd)
+        warning = f"medexp: warning: {path}: no lock ({err.strerror}); a second resume would not be refused"
+        print(warning, file=sys.stderr)
+        return
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
     _held[key] = fd
