@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from medexp.config.build import build_loss, build_model, build_optimizer, build_scheduler
 from medexp.config.flat import flatten, to_yaml
 from medexp.config.validate import validate
+from medexp.evaluation.floor import TemplatePredictor, majority_template
 from medexp.evaluation.inference import evaluate
 from medexp.evaluation.summary import foreground_means, write_case_csv
 from medexp.report.run_plots import log_run_plots
@@ -228,6 +229,7 @@ def _train(cfg, ctx: dist.DistContext, output_dir: Path, job: dict, tracker: Run
     result: dict[str, Any] = {"run_id": run_id, "status": "diverged" if diverged_at else "finished"}
     if ctx.is_main:
         result.update(_test(cfg, model, data, ctx, ckpt_dir, output_dir, tracker))
+        result.update(_floor(cfg, data, tracker))
         if "test" in result and cfg.tracking.get("log_model", True):
             # the best checkpoint's weights (loaded by _test) as the run's MLflow model, no optimiser state
             result["model_uri"] = tracker.log_model(model, cfg, info, cfg.tracking.get("register_as"))
@@ -256,6 +258,27 @@ def _train(cfg, ctx: dist.DistContext, output_dir: Path, job: dict, tracker: Run
 
 def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+
+def _floor(cfg, data: JobData, tracker) -> dict[str, Any]:
+    """The no-learning floor on the test split (medexp.evaluation.floor): the training cases' per-voxel
+    majority label scored as a prediction, logged as floor/* metrics next to the model's test/*."""
+    info = data.info
+    if not data.parts.get("test"):
+        return {}
+    try:
+        template = majority_template((b["label"] for b in data.loader("train")), info.num_classes)
+    except ValueError as err:  # cases of different shapes: no common grid, no template
+        log.info("no no-learning floor: %s", err)
+        return {}
+    table = evaluate(
+        TemplatePredictor(template, info.num_classes), data.loader("test"), num_classes=info.num_classes,
+        roi_size=info.shape, device=torch.device("cpu"), metrics=["dice"], ignore_label=info.ignore_index,
+    )  # fmt: skip
+    metrics = foreground_means(table.values, info.label_names, "floor")
+    if not tracker.has_step("floor/dice_mean", cfg.trainer.max_epochs):  # resumed after it was logged
+        tracker.log_metrics(metrics, step=cfg.trainer.max_epochs)
+    return {"floor": metrics}
 
 
 def _test(cfg, model, data: JobData, ctx, ckpt_dir: Path, output_dir: Path, tracker) -> dict[str, Any]:
