@@ -33,6 +33,7 @@ from medexp.errors import ReportError
 from medexp.report.aggregate import cells, figure_data, learning_rates, parameter_counts
 from medexp.report.figures import dice_vs_lr
 from medexp.report.select import label_names, select_runs, to_records
+from medexp.report.sweep import is_sampled_sweep, parent_of, sweep_files
 from medexp.report.tables import write_figure_tables, write_runs_csv, write_table_csv, write_table_markdown
 from medexp.tracking import queries
 
@@ -79,6 +80,9 @@ def make_report(
     the one parent all counted runs share, if they do.
     """
     selection = select_runs(uri, experiment, sweep)
+    parent = parent_of(uri, selection.parent_run_id)
+    if is_sampled_sweep(parent):  # Optuna: trials and history, not a kernel x loss x lr grid
+        return _sweep_report(uri, parent, selection, out_dir, log)
     labels = label_names(selection.runs)
     records = to_records(selection.runs, labels)
     if not records:
@@ -110,3 +114,17 @@ def make_report(
     at_lr = sum(cell.runs for cell in table.values())
     rates, logged = learning_rates(records), parent if log else None
     return Report(files, selection.source, len(records), rates, logged, files[1].read_text(), lr, at_lr)
+
+
+def _sweep_report(uri: str, parent: dict, selection, out_dir, log: bool) -> Report:
+    """The report of a sampled sweep (medexp.report.sweep), written and logged like the grid's."""
+    if not any("kernel" in r["tags"] for r in selection.runs):
+        raise ReportError(f"no training runs in {selection.source}")
+    out = Path(out_dir) if out_dir else Path(output_root(uri)) / "reports" / selection.name
+    out.mkdir(parents=True, exist_ok=True)
+    files, markdown = sweep_files(uri, parent, selection.runs, out)
+    if log:
+        queries.log_artifacts(uri, parent["run_id"], files, "report")
+    runs = sum("kernel" in r["tags"] for r in selection.runs)
+    logged = parent["run_id"] if log else None
+    return Report(files, selection.source, runs, [], logged, markdown, runs_at_lr=runs)

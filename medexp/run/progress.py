@@ -65,10 +65,33 @@ class TrainProgress:
 
 
 def print_summary(rows: list[tuple[str, str]], title: str = "medexp train") -> None:
-    """A two-column table (what, value) on stdout."""
+    """The closing summary of a job on stdout: one line per job in a multirun (the sweep prints one table
+    at its end, medexp.tracking.sweep); plain `what: value` lines when stdout is no terminal (a rich table
+    is cut to 80 columns there, which cut the output folder's path); else a two-column table."""
+    job = _sweep_job()
+    if job is not None:
+        shown = ", ".join(f"{key} {value}" for key, value in rows if key != "tracking uri")
+        print(f"{job}: {shown}", flush=True)
+        return
+    console = Console()
+    if not console.is_terminal:
+        print("\n".join([title, *(f"  {key}: {value}" for key, value in rows)]), flush=True)
+        return
     table = Table(title=title, show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
     for key, value in rows:
         table.add_row(key, value)
-    Console().print(table)
+    console.print(table)
+
+
+def _sweep_job() -> str | None:
+    """ "job i/N" when this process runs a job of a multirun, else None."""
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return f"job {HydraConfig.get().job.num + 1}/{os.environ.get('MEDEXP_SWEEP_SIZE', '?')}"

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medexp.tracking.liveness import process_tags
 from medexp.tracking.store import client, experiment_id, resolve_uri, run_context_tags
+from medexp.tracking.sweep_outcome import GRID, jobs_table, log_outcome
 
 PARENT_FILE = "mlflow_parent.json"
 STATUS_FILE = "medexp_status.json"
@@ -119,7 +120,14 @@ class SweepParentRun(Callback):
             print(f"  failed: job {s.get('job')} ({s.get('overrides')}): {s.get('error')}")
         for s in diverged:
             print(f"  diverged: job {s.get('job')} ({s.get('overrides')}) at epoch {s.get('epoch')}")
+        if statuses:
+            print(jobs_table(statuses))
         if parent:
+            sweeper = str(OmegaConf.select(config, "hydra.sweeper._target_") or GRID).rpartition(".")[2]
+            try:  # the study's outcome on the parent run (Optuna: best params and value, trials, history)
+                log_outcome(parent, sweeper, sweep_dir, statuses)
+            except Exception as err:  # noqa: BLE001 - the jobs' runs are logged; say so, end the parent
+                print(f"warning: the sweep's outcome was not logged to run {parent['run_id']}: {err}")
             status = "FAILED" if SweepParentRun.failures else "FINISHED"
             client(parent["uri"]).set_terminated(parent["run_id"], status=status)
         SweepParentRun.active = None
