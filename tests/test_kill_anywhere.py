@@ -73,6 +73,14 @@ class Watch:
             return None
         return row[0] if row else None
 
+    def status(self) -> str | None:
+        """The MLflow status of this folder's run, read straight from the sqlite file."""
+        run_id = self.run_id()
+        if run_id is None:
+            return None
+        with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10) as con:
+            return con.execute("select status from runs where run_uuid = ?", (run_id,)).fetchone()[0]
+
 
 @dataclass
 class Moment:
@@ -115,7 +123,8 @@ MOMENTS = [
            landed=lambda w: _missed(not (w.folder / "test_metrics.csv").exists(), "the test had ended")),
     Moment("test metrics logged, run not closed", lambda w: (w.folder / "test_metrics.csv").exists(),
            resume_by="run id",
-           landed=lambda w: _missed(not (w.folder / "result.yaml").exists(), "the run had ended")),
+           landed=lambda w: _missed(not (w.folder / "result.yaml").exists() and w.status() != "FINISHED",
+                                    "the run had ended (a FINISHED run is not resumed)")),
 ]  # fmt: skip
 
 
@@ -211,13 +220,33 @@ def test_no_run_left_running(scenarios):
     assert running == []
 
 
-def test_full_disk_while_saving_a_checkpoint(scenarios):
-    """A file-size limit (RLIMIT_FSIZE, as a quota or a full disk) below the checkpoint size: extending a
-    finished run by one epoch fails at its checkpoint with one line naming the file; the previous last.pt
-    still loads, nothing of the unsaved epoch is logged, the run is FAILED."""
-    cwd, results = scenarios
-    folder = results["started"]["folder"]
+def killed_after_its_first_checkpoint(cwd: Path, name: str) -> Path:
+    """A run of `RUN` SIGKILLed as soon as its first last.pt is complete; its folder."""
+    folder = cwd / "outputs" / "kill" / name
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medexp", "train", *RUN, f"experiment_name={name}", f"hydra.run.dir={folder}"],
+        cwd=cwd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 600
+    while not (folder / "checkpoints" / "last.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.003)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return folder
+
+
+def test_full_disk_while_saving_a_checkpoint(tmp_path: Path):
+    """A file-size limit (RLIMIT_FSIZE, as a quota or a full disk) below the checkpoint size: resuming a
+    killed run fails at its next checkpoint with one line naming the file; the previous last.pt still
+    loads, nothing of the unsaved epoch is logged, the run is FAILED. (A FINISHED run is not resumed at
+    all, tests/test_run_ownership.py.)"""
+    cwd = tmp_path
+    folder = killed_after_its_first_checkpoint(cwd, "disk")
     last = folder / "checkpoints" / "last.pt"
+    saved = checkpoint.load(last)["epoch"]
+    assert saved < 4, "killed before its end"
     limit = last.stat().st_size // 2
     assert (cwd / "outputs" / "mlflow.db").stat().st_size < limit, "the store itself must stay writable"
 
@@ -225,21 +254,20 @@ def test_full_disk_while_saving_a_checkpoint(scenarios):
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    command = [sys.executable, "-m", "medexp", "train", f"resume={folder}", "trainer.max_epochs=5"]
+    command = [sys.executable, "-m", "medexp", "train", f"resume={folder}", "trainer.progress=false"]
     result = subprocess.run(
-        [*command, "trainer.progress=false"], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=600, preexec_fn=small_disk,
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, preexec_fn=small_disk,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1, result.stderr[-3000:]
     assert str(last) in errors[0] and "File too large" in errors[0], errors[0]
-    assert checkpoint.load(last)["epoch"] == 4, "the previous last.pt is intact"
+    assert checkpoint.load(last)["epoch"] == saved, "the previous last.pt is intact"
     assert not list(last.parent.glob(".*.tmp")), "the half-written temp file was removed"
     client = MlflowClient(store_uri(cwd))
-    (run,) = client.search_runs([client.get_experiment_by_name("kill0").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("disk").experiment_id])
     assert run.info.status == "FAILED"
     assert "last.pt" in run.data.tags["error"]
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
-    assert steps == [1, 2, 3, 4], "epoch 5 has no checkpoint, so it is not logged either"
+    assert steps == list(range(1, saved + 1)), "the unsaved epoch has no checkpoint, so it is not logged"
