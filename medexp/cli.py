@@ -125,11 +125,11 @@ def _check_stores(command: str, uris, create: bool, write: bool) -> list[str]:
 
 
 def _fail_naming_the_store(command: str, err: Exception) -> None:
-    """`fail`, with where to point at another store added to a message about a store or run."""
+    """`fail`, with where to point at another store added to a message that names the store searched."""
     from medexp.tracking.store import ELSEWHERE
 
     text = str(err)
-    if ("store" in text or "run" in text) and "--tracking-uri" not in text:
+    if "store" in text and "--tracking-uri" not in text:  # e.g. "run X: not found in the MLflow store Y"
         text = f"{text}; {ELSEWHERE}"
     fail(command, type(err)(text))
 

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -269,3 +270,75 @@ def _js_number(value: float) -> str:
     """How the UI (JavaScript) prints a float: shortest round-trip repr, no trailing '.0'."""
     text = repr(float(value))
     return text[:-2] if text.endswith(".0") else text
+
+
+def _status_with_host(port: int, host_header: str) -> int:
+    """HTTP status of an API request (experiments/search; /health is exempt from the host check) on
+    127.0.0.1:port sent with `host_header`, as a browser on another host that reached this machine by its
+    name would send it."""
+    url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+    request = urllib.request.Request(url, headers={"Host": host_header})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def _serve_until_healthy(command: list[str], log: Path, port: int) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise AssertionError(f"no server within 300 s: {log.read_text()[-2000:]}")
+
+
+@pytest.mark.e2e
+def test_ui_beyond_loopback_answers_this_machine_by_name_and_logs_only_its_address(tmp_path: Path):
+    """`--host 0.0.0.0` passes MLflow's --allowed-hosts, so a request naming this machine is served; the
+    log holds the warning and the address only (no request lines, no Starlette deprecation notice).
+    CONTROL: a plain `mlflow server --host 0.0.0.0` refuses the same request (its default allows
+    localhost and private IPs only)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment("ui")
+    name = socket.gethostname()
+    assert not name.startswith(("localhost", "127.", "10.", "192.168.")), "a name MLflow does not allow"
+    port, log = free_port(), tmp_path / "ui.log"
+    command = [
+        sys.executable,
+        "-m",
+        "medexp",
+        "ui",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(port),
+        "--tracking-uri",
+        uri,
+    ]
+    proc = _serve_until_healthy(command, log, port)
+    try:
+        assert _status_with_host(port, f"{name}:{port}") == 200
+        for _ in range(3):
+            _status_with_host(port, f"localhost:{port}")
+        stop_and_check(proc, signal.SIGINT)
+    finally:
+        cleanup(proc)
+    lines = [x for x in log.read_text().splitlines() if x.strip()]
+    assert lines[0].startswith("medexp ui: warning: --host 0.0.0.0") and "no authentication" in lines[0]
+    assert lines[1:] == [f"MLflow UI: http://0.0.0.0:{port}  (store {uri}; Ctrl-C stops it)"], lines
+    port, log = free_port(), tmp_path / "raw.log"
+    raw = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "0.0.0.0"]
+    proc = _serve_until_healthy([*raw, "--port", str(port), "--workers", "1"], log, port)
+    try:
+        assert _status_with_host(port, f"{name}:{port}") in (400, 403), "CONTROL: refused without the setting"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)

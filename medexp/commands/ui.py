@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,7 +61,16 @@ def build_command(
     private IPs); a server bound beyond loopback also allows this machine's names and addresses
     (`allowed_host_headers`), or `allowed_hosts` as given (MLflow's --allowed-hosts syntax).
     """
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--registry-store-uri",
+        uri,
+    ]
     command += ["--host", host, "--port", str(port), "--workers", str(workers)]
     command += ["--uvicorn-opts", "--no-access-log --log-level warning"]
     if allowed_hosts or exposure_warning(host):
@@ -92,8 +102,9 @@ def server_env() -> dict[str, str]:
     """The environment of the server: ours, without a job runner (see the module docstring)."""
     env = dict(os.environ)
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    # Starlette's deprecation notice about MLflow's own middleware is not the user's to act on
-    quiet = "ignore::starlette.exceptions.StarletteDeprecationWarning"
+    # Starlette's deprecation notice about MLflow's own middleware (StarletteDeprecationWarning, a
+    # UserWarning: a -W filter cannot name the class, starlette is not importable that early)
+    quiet = "ignore:starlette.middleware.wsgi is deprecated:UserWarning"
     env["PYTHONWARNINGS"] = ",".join(w for w in (env.get("PYTHONWARNINGS"), quiet) if w)
     env.pop("MLFLOW_TRACKING_URI", None)  # the server gets its store from --backend-store-uri only
     return env
@@ -106,12 +117,31 @@ def start(command: list[str]) -> subprocess.Popen:
     mlflow server forwards it to uvicorn and exits.
     """
     linux = sys.platform.startswith("linux")
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         command,
         env=server_env(),
         start_new_session=True,
         preexec_fn=_term_when_parent_dies if linux else None,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
     )
+    threading.Thread(target=_forward, args=(proc.stdout,), daemon=True).start()
+    return proc
+
+
+# Lines the MLflow server prints on every start that say nothing the user must act on (the address and the
+# no-authentication warning are medexp's own lines); anything else it prints, errors included, is passed on.
+NOISE = ("[MLflow] Security middleware enabled",)
+
+
+def _forward(stream) -> None:
+    """Copy the server's output to stderr, less the NOISE lines."""
+    for line in stream:
+        if not line.startswith(NOISE):
+            sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 def _term_when_parent_dies() -> None:
