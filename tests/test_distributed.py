@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,44 @@ def test_submitit_local_sweep_nests_its_jobs_under_one_parent(tmp_path: Path):
         assert Path(run.data.tags["medexp.output_dir"]).parent == sweep_dir
         assert run.data.tags["sweep_id"] == parent.info.run_id
     assert list((sweep_dir / ".submitit").glob("*/*_result.pkl")), "the jobs ran through submitit"
+
+
+NAN_ON_RANK_ONE = '''
+import math
+
+import torch.distributed as dist
+
+from medexp.losses import DiceLoss
+
+
+class NanOnRankOne(DiceLoss):
+    """Test-only: medexp's Dice loss, NaN on rank 1 from its second step on; rank 0's stays finite."""
+
+    steps = 0
+
+    def forward(self, logits, label):
+        loss = super().forward(logits, label)
+        NanOnRankOne.steps += 1
+        if dist.is_initialized() and dist.get_rank() == 1 and NanOnRankOne.steps >= 2:
+            return loss * math.nan
+        return loss
+'''
+
+
+def test_a_non_finite_loss_on_one_rank_only_ends_the_ddp_run_as_diverged(tmp_path: Path):
+    """2 gloo ranks; rank 1's loss turns NaN at its second step while rank 0's is finite. The ranks agree
+    on "this step is finite" before backward, so neither waits in a gradient all-reduce the other never
+    joins: the run ends (well within the timeout) FINISHED, diverged at epoch 1. Before, rank 0 entered
+    backward's all-reduce alone and the job hung (tests/test_ddp_agreement.py shows that hang)."""
+    (tmp_path / "nan_on_rank_one.py").write_text(NAN_ON_RANK_ONE)
+    args = ["train", *TINY, "dataset.num_cases=10", "trainer.devices=2", "trainer.batch_size=1"]
+    args += ["loss=dice", "loss._target_=nan_on_rank_one.NanOnRankOne", "eval.metrics=[dice]"]
+    args.append("experiment_name=nan1")
+    started = time.monotonic()
+    result = run_medexp(args, cwd=tmp_path, timeout=600, env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = runs_of(tmp_path, "nan1")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["diverged"] == "true" and run.data.tags["diverged_epoch"] == "1"
+    assert run.data.tags["world_size"] == "2"
+    print(f"diverged 2-rank run ended in {time.monotonic() - started:.0f} s")
