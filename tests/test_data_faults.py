@@ -160,7 +160,7 @@ def test_voxels_that_resampling_would_blow_up_are_refused_from_the_header(tmp_pa
         NiftiDataset(root=str(data), shape=[16, 16, 16], cache_dir=str(tmp_path / "c")).prepare()
     kept = NiftiDataset(root=str(data), shape=[16, 16, 16], spacing=None, cache_dir=str(tmp_path / "c"))
     assert len(kept.prepare()) == 4, "control: the same folder on its own grid (16^3) is fine"
-    assert run_check(check(data, tmp_path, "+dataset.max_voxels=4000000000")) == 0, "a raised limit admits it"
+    assert run_check(check(data, tmp_path, "dataset.max_voxels=4000000000")) == 0, "a raised limit admits it"
 
 
 def test_the_size_estimate_matches_monai_within_one_voxel(tmp_path):

@@ -26,6 +26,7 @@ from rich.progress import track
 from medexp.data.base import DatasetInfo
 from medexp.data.layout import CHANNEL, SUFFIXES_3D, strip_suffix
 from medexp.data.reading import NIFTI_ENDINGS, NRRD_ENDINGS, read_images
+from medexp.data.sizes import DEFAULT_MAX_VOXELS
 from medexp.errors import DataError
 from medexp.run.restore import restore
 from medexp.tracking.models import MODEL_NAME, Segmenter, load_segmenter
@@ -207,7 +208,8 @@ def predict(source: str, inputs: list[str], out_dir: str, probabilities: bool = 
     out = out.resolve()  # one folder, checked, for every write below
     written = []
     for name, paths in track(cases, description="predict"):
-        image, affine = read_images(paths, segmenter.info.in_channels)  # (C, X, Y, Z)
+        limit = getattr(segmenter.dataset, "max_voxels", DEFAULT_MAX_VOXELS)  # the run's dataset.max_voxels
+        image, affine = read_images(paths, segmenter.info.in_channels, limit)  # (C, X, Y, Z)
         probs = segmenter.probabilities(image, affine)  # (K, X, Y, Z)
         names = output_names(name, probabilities)
         with placing(out) as tmp:

@@ -20,6 +20,7 @@ import numpy as np
 
 from medexp.data import cache_io
 from medexp.data.base import DatasetInfo
+from medexp.data.folder_options import check_options, save_arrays, slice_items
 from medexp.data.images2d import is_2d_file
 from medexp.data.labels import class_values, ignore_value
 from medexp.data.layout import Layout, class_table, discover, parse_labels
@@ -28,12 +29,11 @@ from medexp.data.records import CaseFiles, CaseReport
 from medexp.data.sizes import (
     DEFAULT_MAX_VOXELS,
     Header,
-    check_max_voxels,
     preprocessed_shape,
     read_header,
     too_large,
 )
-from medexp.data.transforms import FITS, NORMALIZATIONS, preprocess_case
+from medexp.data.transforms import preprocess_case
 from medexp.errors import ConfigError, DataError
 
 VERSION = 2  # bump when the cached arrays change meaning (2: case files keyed by a hash of their sources)
@@ -56,7 +56,7 @@ class NiftiDataset:
         shape: spatial size after preprocessing (paper: 128^3); 2 sizes when spatial_dims=2.
         spacing: isotropic voxel size in mm to resample to (a number, or one per axis); None keeps the grid.
         orientation: axis codes to reorient to (default RAS), None keeps the stored axis order.
-        normalize: "zscore" (paper default), "zscore_nonzero", "minmax" ([0, 1], NeRD) or "none".
+        normalize: "zscore" (medexp's default; Wong & Moradi do not say), "zscore_nonzero", "minmax" ([0, 1], NeRD) or "none".
         fit: how the resampled image reaches `shape`: "pad_resize" (zero-pad to its aspect ratio, then
             resize; Wong & Moradi 3.1), "crop" (centre crop, padding where smaller; NeRD 3.2) or "resize"
             (straight resize; Nair et al.); see medexp.data.transforms.fit_to_target.
@@ -168,9 +168,9 @@ class NiftiDataset:
     # --- steps ------------------------------------------------------------------------------------------
     def _start(self) -> tuple[Layout, Path]:
         """Check options, find the cases, pick the cache folder."""
-        self._check_options()
+        check_options(self)
         found = discover(self.root, self.layout, self.modalities)
-        if self.spatial_dims == 3 and any(_is_2d(c) for c in found.cases):
+        if self.spatial_dims == 3 and any(is_2d_file(c.images[0]) for c in found.cases):
             raise ConfigError(
                 "dataset.spatial_dims=3: 2D image files need dataset.spatial_dims=2 and a 2D dataset.shape"
             )
@@ -233,33 +233,6 @@ class NiftiDataset:
         problem = too_large(name, shape, math.prod(shape) * channels, self.max_voxels, what, hint)
         if problem:
             raise DataError(problem)
-
-    def _check_options(self) -> None:
-        choices = {
-            "unlisted_labels": ("error", "background"),
-            "layout": ("auto", "msd", "folders"),
-            "normalize": NORMALIZATIONS,
-            "fit": FITS,
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"dataset.{key}={getattr(self, key)}: expected one of {', '.join(allowed)}")
-        if self.spatial_dims not in (2, 3) or len(self.shape) != self.spatial_dims:
-            raise ConfigError(
-                f"dataset.shape={self.shape}: expected {self.spatial_dims} sizes (dataset.spatial_dims)"
-            )
-        check_max_voxels(self.max_voxels)
-        if self.slice_axis not in (0, 1, 2):
-            raise ConfigError(f"dataset.slice_axis={self.slice_axis}: expected 0, 1 or 2")
-        spacing = cache_io.plain(self.spacing) if cache_io.is_seq(self.spacing) else [self.spacing]
-        if self.spacing is not None and not all(isinstance(s, (int, float)) and s > 0 for s in spacing):
-            raise ConfigError(f"dataset.spacing={self.spacing}: expected a positive size in mm (or null)")
-        if self.orientation is not None and (
-            len(str(self.orientation)) != 3 or set(str(self.orientation)) - set("RASLPI")
-        ):
-            raise ConfigError(
-                f"dataset.orientation={self.orientation}: expected axis codes like RAS, or null"
-            )
 
     def _settings(self) -> dict:
         """Everything the cached arrays depend on (besides the files)."""
@@ -360,7 +333,9 @@ class NiftiDataset:
         )
         path = cache / f"{self._case_file(case)}.json"
         record = cache_io.read_json(path)
-        files = self._save_arrays(cache, self._case_file(case), image, label)
+        files = save_arrays(
+            cache, self._case_file(case), image, label, self.slice_axis if self.spatial_dims == 2 else None
+        )
         record["prep"] = {"key": self._prep_key(lut), "files": files, "record": steps}
         record["prep"]["sizes"] = cache_io.sizes(cache, files)
         cache_io.write_json(path, record)
@@ -386,21 +361,6 @@ class NiftiDataset:
             spacing[self.slice_axis] = -1  # keep the slices as acquired: no interpolated slices
         return spacing
 
-    def _save_arrays(self, cache: Path, stem: str, image: np.ndarray, label: np.ndarray) -> list[str]:
-        """Write the case (and its slices) as .npy; returns the file names relative to the cache folder."""
-        files = [f"{stem}_image.npy", f"{stem}_label.npy"]
-        cache_io.save_npy(cache / files[0], image)
-        cache_io.save_npy(cache / files[1], label)
-        if self.spatial_dims == 2 and image.ndim == 4:
-            axis = self.slice_axis + 1  # (C, X, Y, Z): spatial axis k is array axis k + 1
-            for k in range(image.shape[axis]):
-                name = stem.replace("cases/", "slices/", 1)
-                pair = [f"{name}_s{k:03d}_image.npy", f"{name}_s{k:03d}_label.npy"]
-                cache_io.save_npy(cache / pair[0], np.take(image, k, axis=axis))  # (C, *in-plane)
-                cache_io.save_npy(cache / pair[1], np.take(label, k, axis=axis))  # (1, *in-plane)
-                files += pair
-        return files
-
     def _cases(self, found: Layout, cache: Path, lut, reports: list[CaseReport]) -> list[dict]:
         """Case dicts of the cached arrays, and the DatasetInfo.
 
@@ -415,18 +375,7 @@ class NiftiDataset:
             own = [float(s) for s in prep["record"]["spacing"]]
             item = {"id": case.id, "image": files[0], "label": files[1], "spacing": own}
             if len(files) > 2:
-                item["slices"] = [
-                    {
-                        "id": f"{case.id}_s{(i - 2) // 2:03d}",
-                        "image": files[i],
-                        "label": files[i + 1],
-                        "volume": case.id,
-                        "slice": (i - 2) // 2,
-                        "slice_axis": self.slice_axis,
-                        "volume_spacing": own,
-                    }
-                    for i in range(2, len(files), 2)
-                ]
+                item["slices"] = slice_items(case.id, files[2:], self.slice_axis, own)
             spacing = prep["record"]["spacing"]
             if len(spacing) == 3 and self.spatial_dims == 2:
                 spacing = [s for i, s in enumerate(spacing) if i != self.slice_axis]
@@ -449,7 +398,3 @@ class NiftiDataset:
             source=str(found.root.resolve()),
         )
         return cases
-
-
-def _is_2d(case: CaseFiles) -> bool:
-    return is_2d_file(case.images[0])

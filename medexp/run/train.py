@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,9 @@ def _spawned_worker(rank, world_size, cfg_yaml, output_dir, job, port, resume_fr
     cfg = OmegaConf.create(cfg_yaml)
     restored = restore(resume_from) if resume_from else None
     if started:  # resumed before its first checkpoint: from scratch into the run it had created
-        restored = RestoredRun(cfg, None, Path(output_dir), None, started_run_id=started)
+        restored = RestoredRun(
+            cfg=cfg, state=None, output_dir=Path(output_dir), path=None, started_run_id=started
+        )
     with runtime.stop_on_sigterm():
         train_worker(rank, world_size, cfg, Path(output_dir), job, port, restored)
 
@@ -137,138 +140,197 @@ def train_worker(
         dist.cleanup()
 
 
-def _train(cfg, ctx: dist.DistContext, output_dir: Path, job: dict, tracker: RunTracker, restored) -> dict:
-    data = job_data(cfg, ctx)
-    info = data.info
+@dataclass
+class Training:
+    """What the epochs work on: the model (and `net`, the DDP / compiled wrapper that trains), the loss,
+    optimiser and schedule, the numerics, and where the run stands (the resumed epoch, best validation Dice
+    and the metrics of the last checkpoint)."""
 
-    # --- the MLflow run: a new one, or the resumed run's own; from here on failures are recorded
-    state = restored.state if restored else None
-    ckpt_dir = output_dir / "checkpoints"
+    model: torch.nn.Module
+    net: torch.nn.Module
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps: Any
+    epoch: int = 0
+    best: float = -math.inf
+    last_metrics: dict = field(default_factory=dict)
+
+
+def _train(cfg, ctx: dist.DistContext, output_dir: Path, job: dict, tracker: RunTracker, restored) -> dict:
+    """One job from its data to its record, nanoGPT-style: data, MLflow run, model, epochs, test."""
+    data = job_data(cfg, ctx)
     uri = resolve_uri(cfg.tracking_uri)
-    run_id = tracker.start(
+    run_id = tracker.start(  # a new run, or the resumed run's own; from here on failures are recorded
         uri=uri,
         experiment=cfg.experiment_name,
         run_name=run_name(cfg, job),
-        tags=run_tags(cfg, job, info, output_dir),
+        tags=run_tags(cfg, job, data.info, output_dir),
         parent_run_id=job.get("parent_run_id"),
         run_id=restored.run_id if restored else None,
         system_metrics=bool(cfg.tracking.get("system_metrics", False)),
     )
     run_id = dist.broadcast_object(run_id, ctx)
     log.info("run %s (%s), output folder %s", run_id, run_name(cfg, job), output_dir)
+    training = _build(cfg, ctx, data, restored)
+    _log_start(cfg, training, data, output_dir, tracker)
+    started = time.perf_counter()
+    diverged_at = _epochs(cfg, ctx, training, data, job, tracker, run_id, output_dir / "checkpoints")
+    seconds = time.perf_counter() - started
+    in_sync = ranks_in_sync(training.model, ctx)
+    result: dict[str, Any] = {"run_id": run_id, "status": "diverged" if diverged_at else "finished"}
+    if ctx.is_main:
+        record = {"diverged_at": diverged_at, "train_seconds": seconds, "in_sync": in_sync, "uri": uri}
+        result.update(_finish(cfg, ctx, training, data, output_dir, tracker, record))
+    dist.barrier(ctx)
+    return result
 
-    # --- model, loss, optimiser, scheduler
+
+def _build(cfg, ctx: dist.DistContext, data: JobData, restored: RestoredRun | None) -> Training:
+    """Model, loss, optimiser and schedule, restored from the checkpoint of a resumed run."""
+    info = data.info
     model = build_model(cfg, info.in_channels, info.num_classes, info.spatial_dims).to(ctx.device)
     frequencies = class_frequencies(data.train_loader, info.num_classes)
     loss_fn = build_loss(cfg, frequencies, ignore_label=info.ignore_index is not None).to(ctx.device)
     optimizer = build_optimizer(cfg, model.parameters())
     scheduler = build_scheduler(cfg, optimizer, cfg.trainer.max_epochs)
-    start_epoch, best, last_metrics = 0, -math.inf, {}
+    fixed_shapes = bool(info.shape) and all(s > 0 for s in info.shape)  # every batch dataset.shape
+    steps = numerics(
+        cfg.trainer.precision, cfg.trainer.channels_last, info.spatial_dims, ctx.device, fixed_shapes
+    )
+    training = Training(model, model, loss_fn, optimizer, scheduler, steps)
+    state = restored.state if restored else None
     if state:
         load_weights(model, state["model"], restored.path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.set_rng_state(state["rng"])
-        start_epoch, best, last_metrics = state["epoch"], state["best"], state["metrics"]
-    fixed_shapes = bool(info.shape) and all(s > 0 for s in info.shape)  # every batch dataset.shape
-    steps = numerics(
-        cfg.trainer.precision, cfg.trainer.channels_last, info.spatial_dims, ctx.device, fixed_shapes
-    )
-    model = model.to(memory_format=steps.memory_format)
-    net = DistributedDataParallel(model) if ctx.distributed else model
+        training.epoch, training.best, training.last_metrics = state["epoch"], state["best"], state["metrics"]
+    training.model = model = model.to(memory_format=steps.memory_format)
+    training.net = DistributedDataParallel(model) if ctx.distributed else model
     if cfg.trainer.compile:
         # Only the training step runs compiled; evaluation and checkpoints use `model` itself, so state
         # dicts keep their plain keys and resume works with or without compile.
         # MEDEXP_COMPILE_BACKEND picks another torch.compile backend (e.g. "eager" to check tracing only).
-        net = torch.compile(net, backend=os.environ.get("MEDEXP_COMPILE_BACKEND", "inductor"))
-    if ctx.is_main and start_epoch == 0:
-        tracker.log_params(flatten(cfg))
-        tracker.log_params({"model.num_parameters": sum(p.numel() for p in model.parameters())})
-        (output_dir / "config.yaml").write_text(to_yaml(cfg))
-        tracker.log_artifact(output_dir / "config.yaml")
-        tracker.log_dataset(data.parts, info)  # which cases, from which folder (no data copied)
-    if start_epoch and not tracker.has_step("train/loss", start_epoch):
-        tracker.log_metrics(last_metrics, step=start_epoch)  # killed between checkpoint and logging
+        training.net = torch.compile(
+            training.net, backend=os.environ.get("MEDEXP_COMPILE_BACKEND", "inductor")
+        )
+    return training
 
-    # --- epochs: train, all-reduce the loss, validate on rank 0, checkpoint, then log
+
+def _log_start(cfg, training: Training, data: JobData, output_dir: Path, tracker: RunTracker) -> None:
+    """A new run's params, config and dataset input; a resumed run's metrics of its last checkpoint if the
+    kill came between the checkpoint and their logging. The tracker is inactive on ranks other than 0."""
+    if training.epoch == 0:
+        tracker.log_params(flatten(cfg))
+        tracker.log_params({"model.num_parameters": sum(p.numel() for p in training.model.parameters())})
+        if tracker.active:
+            (output_dir / "config.yaml").write_text(to_yaml(cfg))
+            tracker.log_artifact(output_dir / "config.yaml")
+        tracker.log_dataset(data.parts, data.info)  # which cases, from which folder (no data copied)
+    elif not tracker.has_step("train/loss", training.epoch):
+        tracker.log_metrics(training.last_metrics, step=training.epoch)
+
+
+def _epochs(
+    cfg, ctx, training: Training, data: JobData, job: dict, tracker, run_id, ckpt_dir: Path
+) -> int | None:
+    """Train from the run's epoch to trainer.max_epochs: train, all-reduce the loss, validate and
+    checkpoint on rank 0, then log. Returns the epoch whose loss was not finite (diverged), else None."""
     max_epochs = cfg.trainer.max_epochs
-    diverged_at = None
-    started = time.perf_counter()
-    title = job.get("title", "train")
-    with TrainProgress(
-        ctx.is_main and cfg.trainer.progress, max_epochs, len(data.train_loader), title
-    ) as bar:
-        bar.skip_to(start_epoch)
-        for epoch in range(start_epoch + 1, max_epochs + 1):
+    show = ctx.is_main and cfg.trainer.progress
+    with TrainProgress(show, max_epochs, len(data.train_loader), job.get("title", "train")) as bar:
+        bar.skip_to(training.epoch)
+        for epoch in range(training.epoch + 1, max_epochs + 1):
             data.train_loader.sampler.set_epoch(epoch)
             bar.start_epoch(epoch)
-            train_loss = train_epoch(
-                net, data.train_loader, loss_fn, optimizer, steps, ctx, bar, augment=data.device_augment
-            )
-            train_loss = dist.all_reduce_mean(train_loss, ctx)
-            if not math.isfinite(train_loss):
-                diverged_at = epoch
-                tracker.log_metrics({"train/loss": train_loss}, step=epoch)
-                break
-            scheduler.step()
-            metrics = {"train/loss": train_loss, "train/lr": optimizer.param_groups[0]["lr"]}
-            improved = False
-            if ctx.is_main and (epoch % cfg.trainer.val_every == 0 or epoch == max_epochs):
-                val = evaluate(  # per volume, also for slice models (stacked back)
-                    model, data.val_loader, num_classes=info.num_classes, roi_size=info.shape,
-                    device=ctx.device, ignore_label=info.ignore_index,
-                )  # fmt: skip
-                metrics.update(foreground_means(val.values, info.label_names, "val"))
-                score = metrics["val/dice_mean"]  # NaN only when no label is defined in any val case
-                improved = math.isfinite(score) and score > best
-                best = max(best, score) if improved else best
-            if ctx.is_main:
-                state = checkpoint_state(
-                    model, optimizer, scheduler, epoch=epoch, best=best, cfg=cfg, run_id=run_id,
-                    metrics=metrics, info=info,
-                )  # fmt: skip
-                # last.pt (the resume point) first, then best.pt as the same file: a kill at any instant
-                # leaves a complete last.pt, and resume repairs a best.pt it did not reach (§9)
-                checkpoint.save_atomic(state, ckpt_dir / "last.pt")
-                if improved:
-                    checkpoint.share_atomic(ckpt_dir / "last.pt", ckpt_dir / "best.pt")
-            tracker.log_metrics(metrics, step=epoch)
-            shown = {k: v for k, v in metrics.items() if k in ("train/loss", "val/dice_mean")}
-            bar.end_epoch(epoch, shown, improved)
-            if ctx.is_main:  # job.log (Hydra's job logging)
-                log.info("epoch %d/%d %s%s", epoch, max_epochs, _fmt(shown), " (best)" if improved else "")
-            dist.barrier(ctx)
-    train_seconds = time.perf_counter() - started
-    in_sync = ranks_in_sync(model, ctx)
-
-    # --- test evaluation of the best checkpoint, plots and the run's record (rank 0)
-    result: dict[str, Any] = {"run_id": run_id, "status": "diverged" if diverged_at else "finished"}
-    if ctx.is_main:
-        result.update(_test(cfg, model, data, ctx, ckpt_dir, output_dir, tracker))
-        result.update(_floor(cfg, data, tracker))
-        if "test" in result and cfg.tracking.get("log_model", True):
-            # the best checkpoint's weights (loaded by _test) as the run's MLflow model, no optimiser state
-            result["model_uri"] = tracker.log_model(model, cfg, info, cfg.tracking.get("register_as"))
-        if math.isfinite(best):
-            result["best_val_dice"] = best  # the objective of sweepers that optimise (run/job.py)
-        if cfg.tracking.log_plots:  # learning curves, Fig. 4-style overlays, learned Gabor kernels
-            log_run_plots(
-                tracker, model, data.parts["test"], info, output_dir, uri=uri, device=ctx.device,
-                predictions="test" in result,
+            loss = train_epoch(
+                training.net, data.train_loader, training.loss_fn, training.optimizer, training.steps, ctx,
+                bar, augment=data.device_augment,
             )  # fmt: skip
-        log_conv_impls(model, output_dir, tracker)
-        tags = {"diverged": str(diverged_at is not None).lower(), "train_seconds": f"{train_seconds:.1f}"}
-        tags.update(ranks_in_sync=str(in_sync).lower(), world_size=ctx.world_size)
-        tracker.set_tags({**tags, **({"diverged_epoch": diverged_at} if diverged_at else {})})
-        tracker.finish("FINISHED")
-        result.update(
-            epoch=diverged_at or max_epochs, train_seconds=round(train_seconds, 1), output_dir=str(output_dir)
-        )
-        (output_dir / RESULT_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(result)))
-        print_result(result, uri, output_dir)
-        means = {k: v for k, v in result.get("test", {}).items() if k.endswith("_mean")}
-        log.info("%s after %s epoch(s): %s", result["status"], result["epoch"], _fmt(means))
-    dist.barrier(ctx)
+            loss = dist.all_reduce_mean(loss, ctx)
+            if not math.isfinite(loss):
+                tracker.log_metrics({"train/loss": loss}, step=epoch)
+                return epoch
+            training.scheduler.step()
+            metrics = {"train/loss": loss, "train/lr": training.optimizer.param_groups[0]["lr"]}
+            improved = False
+            if ctx.is_main:
+                improved = _validate_and_save(cfg, ctx, training, data, epoch, metrics, run_id, ckpt_dir)
+            tracker.log_metrics(metrics, step=epoch)
+            bar.end_epoch(epoch, _shown(metrics), improved)
+            dist.barrier(ctx)
+    return None
+
+
+def _shown(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k in ("train/loss", "val/dice_mean")}
+
+
+def _validate_and_save(
+    cfg, ctx, training: Training, data: JobData, epoch: int, metrics: dict, run_id, ckpt_dir: Path
+) -> bool:
+    """Rank 0's end of an epoch: validate (per volume, also for slice models), write last.pt and, when
+    validation Dice improved, best.pt; adds the val/* metrics to `metrics` and says whether it improved."""
+    info = data.info
+    improved = False
+    if epoch % cfg.trainer.val_every == 0 or epoch == cfg.trainer.max_epochs:
+        val = evaluate(
+            training.model, data.val_loader, num_classes=info.num_classes, roi_size=info.shape,
+            device=ctx.device, ignore_label=info.ignore_index,
+        )  # fmt: skip
+        metrics.update(foreground_means(val.values, info.label_names, "val"))
+        score = metrics["val/dice_mean"]  # NaN only when no label is defined in any val case
+        improved = math.isfinite(score) and score > training.best
+        training.best = score if improved else training.best
+    state = checkpoint_state(
+        training.model, training.optimizer, training.scheduler, epoch=epoch, best=training.best, cfg=cfg,
+        run_id=run_id, metrics=metrics, info=info,
+    )  # fmt: skip
+    # last.pt (the resume point) first, then best.pt as the same file: a kill at any instant leaves a
+    # complete last.pt, and resume repairs a best.pt it did not reach (docs/design.md §9)
+    checkpoint.save_atomic(state, ckpt_dir / "last.pt")
+    if improved:
+        checkpoint.share_atomic(ckpt_dir / "last.pt", ckpt_dir / "best.pt")
+    log.info(  # job.log (Hydra's job logging)
+        "epoch %d/%d %s%s",
+        epoch,
+        cfg.trainer.max_epochs,
+        _fmt(_shown(metrics)),
+        " (best)" if improved else "",
+    )
+    return improved
+
+
+def _finish(cfg, ctx, training: Training, data: JobData, output_dir: Path, tracker, record: dict) -> dict:
+    """Rank 0 after the epochs: test the best checkpoint, the floor, the MLflow model, plots and tags; the
+    run FINISHED and its result.yaml written."""
+    model, info, diverged_at = training.model, data.info, record["diverged_at"]
+    result = _test(cfg, model, data, ctx, output_dir / "checkpoints", output_dir, tracker)
+    result.update(_floor(cfg, data, tracker))
+    if "test" in result and cfg.tracking.get("log_model", True):
+        # the best checkpoint's weights (loaded by _test) as the run's MLflow model, no optimiser state
+        result["model_uri"] = tracker.log_model(model, cfg, info, cfg.tracking.get("register_as"))
+    if math.isfinite(training.best):
+        result["best_val_dice"] = training.best  # the objective of sweepers that optimise (run/job.py)
+    if cfg.tracking.log_plots:  # learning curves, Fig. 4-style overlays, learned Gabor kernels
+        log_run_plots(
+            tracker, model, data.parts["test"], info, output_dir, uri=record["uri"], device=ctx.device,
+            predictions="test" in result,
+        )  # fmt: skip
+    log_conv_impls(model, output_dir, tracker)
+    seconds = record["train_seconds"]
+    tags = {"diverged": str(diverged_at is not None).lower(), "train_seconds": f"{seconds:.1f}"}
+    tags.update(ranks_in_sync=str(record["in_sync"]).lower(), world_size=ctx.world_size)
+    tracker.set_tags({**tags, **({"diverged_epoch": diverged_at} if diverged_at else {})})
+    tracker.finish("FINISHED")
+    status = "diverged" if diverged_at else "finished"
+    result.update(epoch=diverged_at or cfg.trainer.max_epochs, train_seconds=round(seconds, 1))
+    result.update(output_dir=str(output_dir), run_id=tracker.run_id, status=status)
+    (output_dir / RESULT_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(result)))
+    print_result(result, record["uri"], output_dir)
+    means = {k: v for k, v in result.get("test", {}).items() if k.endswith("_mean")}
+    log.info("%s after %s epoch(s): %s", status, result["epoch"], _fmt(means))
     return result
 
 

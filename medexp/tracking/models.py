@@ -44,6 +44,7 @@ from medexp.config.untrusted import load_config, trusting
 from medexp.data.base import DatasetInfo
 from medexp.errors import DataError
 from medexp.evaluation.inference import predict_logits
+from medexp.nn.heads import outputs_probabilities
 
 MODEL_NAME = "model"  # runs:/<run id>/model
 LOADER_MODULE = "medexp.tracking.pyfunc_loader"
@@ -84,7 +85,9 @@ class Segmenter:
             logits = self._slice_logits(volume)  # a slice model on a volume, as it was evaluated
         else:
             logits = predict_logits(self.model, volume[None], self.info.shape)  # sliding window when larger
-        probs = torch.softmax(logits, dim=1)[0].cpu()  # (K, *spatial)
+        if not outputs_probabilities(self.model):  # head.output=mlp_sigmoid gives probabilities already
+            logits = torch.softmax(logits, dim=1)
+        probs = logits[0].cpu()  # (K, *spatial)
         if tuple(probs.shape[1:]) == tuple(original_shape) and np.allclose(grid_affine, affine):
             return probs.numpy()  # predicted on the input's own grid
         resample = mt.SpatialResample(mode="bilinear", padding_mode="zeros")
