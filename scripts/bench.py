@@ -35,9 +35,8 @@ between variants of one section mean something.
     real block [[w_re, w_im], [-w_im, w_re]], forward + backward, at the tile plans of the network's
     layers; `medexp.nn.fast.product.channel_product`'s rule picks between them.
 (g) generation without the C kernels (devices and builds without them): eq. 2 as written (the formula of
-    medexp.nn.gabor) against the PyTorch expansion of its separable factors (medexp.nn.fast.generate; 3D
-    only, 2D falls back to the formula), forward + backward time and the bytes autograd keeps, per layer
-    shape; the C kernels (from the same factors) for scale.
+    medexp.nn.gabor) against the separable PyTorch operations (medexp.nn.fast.generate), forward +
+    backward time and the bytes autograd keeps, per layer shape; the C kernels for scale.
 
 Usage:  python scripts/bench.py --quick          (this machine: layers at 64^3, 3 repetitions)
         python scripts/bench.py                  (layers at 64^3 and 128^3, 5 repetitions)
@@ -73,7 +72,7 @@ from medexp.losses import PCCLoss  # noqa: E402
 from medexp.nn.fast import auto_choices, backend, gradient, native  # noqa: E402
 from medexp.nn.fast.fftconv import plan_tiles  # noqa: E402
 from medexp.nn.fast.generate import native_weight, torch_weight  # noqa: E402
-from medexp.nn.fast.product import BlockProduct, RowsProduct, fused_product, stored_product  # noqa: E402
+from medexp.nn.fast.product import _BlockProduct, _RowsProduct, fused_product, stored_product  # noqa: E402
 from medexp.nn.fast.spectrum import native_spectrum  # noqa: E402
 from medexp.nn.gabor import GaborConv2d, GaborConv3d  # noqa: E402
 from medexp.nn.kernels import ConventionalKernels, GaborKernels, MixedKernels  # noqa: E402
@@ -264,7 +263,7 @@ def product_section(reps: int, k: int) -> tuple[list[str], dict[str, float]]:
         sizes = (size,) * 3
         freqs = size * size * (size // 2 + 1)
         x = torch.randn(freqs, tiles, cin, 2, requires_grad=True)
-        stored = stored_product(lambda sizes, g=layer: native_spectrum(g.factors(k), sizes))
+        stored = stored_product(lambda sizes, g=layer: native_spectrum(g.eq2_params(), k, sizes))
 
         def run(product: Callable[[], torch.Tensor], layer: nn.Module = layer, x: torch.Tensor = x) -> None:
             for p in layer.parameters():
@@ -273,7 +272,7 @@ def product_section(reps: int, k: int) -> tuple[list[str], dict[str, float]]:
             product().square().sum().backward()
 
         def inside(g: nn.Module = layer, x=x, s=sizes) -> torch.Tensor:
-            return fused_product(x, g.factors(k), s)
+            return fused_product(x, g.eq2_params(), k, s)
 
         def with_stored(p: Callable = stored, x=x, s=sizes) -> torch.Tensor:
             return p(x, s)
@@ -312,10 +311,10 @@ def arrangement_section(reps: int, k: int, sizes: list[int]) -> tuple[list[str],
         g = torch.randn(freqs, tiles, cout, 2)
 
         def rows_product(x=x, w=w, f=freqs, t=tiles, c=cin) -> torch.Tensor:
-            return RowsProduct.apply(x.permute(0, 3, 1, 2).reshape(f, 2 * t, c), w)  # (F, [re; im] T, cin)
+            return _RowsProduct.apply(x.permute(0, 3, 1, 2).reshape(f, 2 * t, c), w)  # (F, [re; im] T, cin)
 
         def block_product(x=x, w=w, f=freqs, t=tiles, c=cin, o=cout) -> torch.Tensor:
-            return BlockProduct.apply(x.reshape(f, t, 2 * c), w).view(f, t, o, 2)  # from (F, T, 2 cin)
+            return _BlockProduct.apply(x.reshape(f, t, 2 * c), w).view(f, t, o, 2)  # from (F, T, 2 cin)
 
         def fwd_bwd(fn, x=x, w=w, g=g) -> Callable[[], object]:
             return lambda: torch.autograd.grad(fn(), (x, w), g)
@@ -359,11 +358,12 @@ def generation_section(reps: int, k: int) -> tuple[list[str], dict[str, float]]:
     for d, cin, cout in GENERATION_CASES:
         torch.manual_seed(0)
         layer = (GaborConv3d if d == 3 else GaborConv2d)(cin, cout, k)
-        variants = {"formula": lambda g=layer: g.weight()}
-        if d == 3:  # the PyTorch expansion of the factors is the 3D fallback only (2D uses the formula)
-            variants["separable"] = lambda g=layer: torch_weight(g.factors(k))
+        variants = {
+            "formula": lambda g=layer: g.weight(),
+            "separable": lambda g=layer: torch_weight(g.eq2_params(), k),
+        }
         if native.available(layer.sigma_raw):
-            variants["C"] = lambda g=layer: native_weight(g.factors(k))
+            variants["C"] = lambda g=layer: native_weight(g.eq2_params(), k)
         saved = {name: _saved_bytes(fn)[1] for name, fn in variants.items()}
 
         def fwd_bwd(fn: Callable[[], torch.Tensor], g: nn.Module = layer) -> Callable[[], object]:
@@ -374,12 +374,8 @@ def generation_section(reps: int, k: int) -> tuple[list[str], dict[str, float]]:
             return run
 
         t = interleaved({name: fwd_bwd(fn) for name, fn in variants.items()}, reps)
-        c_time = f"{1e3 * t['C']:.1f} ms" if "C" in t else "-"
-        if "separable" not in t:
-            formula = f"{1e3 * t['formula']:.1f} ms | - | {c_time} | - | {saved['formula'] / 2**20:.1f} MiB"
-            rows.append(f"| {d}D {cin}->{cout} | {formula} | - | - |")
-            continue
         ratio, saved_ratio = t["separable"] / t["formula"], saved["separable"] / saved["formula"]
+        c_time = f"{1e3 * t['C']:.1f} ms" if "C" in t else "-"
         rows.append(
             f"| {d}D {cin}->{cout} | {1e3 * t['formula']:.1f} ms | {1e3 * t['separable']:.1f} ms | "
             f"{c_time} | {ratio:.2f} | {saved['formula'] / 2**20:.1f} MiB | "

@@ -11,16 +11,8 @@ import torch.nn.functional as F
 from medexp.nn.fast import product
 from medexp.nn.fast.backend import crop_to_reach
 from medexp.nn.fast.direct import direct_conv
-from medexp.nn.fast.fftconv import plan_tiles, spectral_conv, tile_candidates
-from medexp.nn.fast.product import stored_product
+from medexp.nn.fast.fftconv import fft_conv, plan_tiles, tile_candidates
 from medexp.nn.fast.spectrum import kernel_spectrum
-
-
-def fft_conv(x, weight, bias=None, tile=None):
-    """The FFT convolution of x with any weight: the stored spectrum's product (the path without the C
-    kernels, as on GPUs), by spectral_conv."""
-    product = stored_product(lambda sizes: kernel_spectrum(weight, sizes))
-    return spectral_conv(x, tuple(weight.shape), product, bias, tile)
 
 
 def assert_close_scaled(got, want, rtol=2e-5):
@@ -112,10 +104,10 @@ def test_channel_product_arrangements_equal_the_complex_product(freqs, tiles, ci
         return torch.view_as_real(y)  # (F, T, cout, 2)
 
     def rows(x, w):
-        return product.RowsProduct.apply(x.permute(0, 3, 1, 2).reshape(freqs, 2 * tiles, cin), w)
+        return product._RowsProduct.apply(x.permute(0, 3, 1, 2).reshape(freqs, 2 * tiles, cin), w)
 
     def block(x, w):
-        return product.BlockProduct.apply(x.reshape(freqs, tiles, 2 * cin), w).view(freqs, tiles, cout, 2)
+        return product._BlockProduct.apply(x.reshape(freqs, tiles, 2 * cin), w).view(freqs, tiles, cout, 2)
 
     want = grads(complex_product, x, w)
     for arrangement in (rows, block, product.channel_product):

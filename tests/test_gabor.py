@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from medexp.nn.gabor import GaborConv2d, GaborConv3d, gabor_factors, gabor_kernel2d, gabor_kernel3d
+from medexp.nn.gabor import GaborConv2d, GaborConv3d, gabor_kernel2d, gabor_kernel3d
 from medexp.nn.kernels import GaborKernels, MixedKernels
 from medexp.nn.wong import WongNet
 
@@ -79,22 +79,6 @@ def test_kernel2d_matches_numpy():
     got = gabor_kernel2d(**to_torch(p), size=7)
     assert got.shape == (4, 3, 7, 7)
     np.testing.assert_allclose(got.numpy(), numpy_gabor2d(p, 7), rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("names, numpy_gabor", [(NAMES_3D, numpy_gabor3d), (NAMES_2D, numpy_gabor2d)])
-def test_factors_multiply_out_to_eq2(names, numpy_gabor):
-    # What the fast paths compute with: sum over the two terms of the real part of the product of the
-    # per-axis factors, multiplied out voxel by voxel, equals eq. 2 evaluated by NumPy.
-    p = random_params(names, cout=2, cin=3, seed=2)
-    factors = gabor_factors(*(torch.tensor(p[n], dtype=torch.float64) for n in names), size=5).numpy()
-    assert factors.shape == (len(names) - 5, 5, 2, 2, 2, 3)  # (axis, tap, term, re/im, cout, cin)
-    f = factors[:, :, :, 0] + 1j * factors[:, :, :, 1]  # (axis, tap, term, cout, cin)
-    if len(names) == 8:
-        product = f[0][:, None, None] * f[1][None, :, None] * f[2][None, None, :]  # (z, y, x, term, o, i)
-        got = product.real.sum(3).transpose(3, 4, 0, 1, 2)
-    else:
-        got = (f[0][:, None] * f[1][None, :]).real.sum(2).transpose(2, 3, 0, 1)  # (o, i, y, x)
-    np.testing.assert_allclose(got, numpy_gabor(p, 5), rtol=1e-10, atol=1e-12)
 
 
 def _one_pair(**values):

@@ -67,12 +67,12 @@ def test_a_tensor_of_the_other_float_type_is_rejected():
     # A float64 buffer handed to the float32 instance would be read as twice as many floats: the typed
     # pointer (double*) does not convert to the float* the declaration asks for.
     doubles, floats = torch.zeros(16, dtype=torch.float64), torch.zeros(16, dtype=torch.float32)
-    expand = native.function("separable_expand", torch.float32)
-    args = (native.pointer(floats), native.pointer(doubles), 1, 1, 3, 1, 0, 0, 0)
-    with pytest.raises(ctypes.ArgumentError, match="argument 2"):
+    expand = native.function("gabor_expand", torch.float32)
+    args = (native.pointer(floats), native.pointer(floats), native.pointer(doubles), 1, 1, 3, 1, 0, 0, 0)
+    with pytest.raises(ctypes.ArgumentError, match="argument 3"):
         expand(*args)
     with pytest.raises(KeyError, match="no entry in native.SIGNATURES"):
-        native.function("separable_undeclared", torch.float32)
+        native.function("gabor_undeclared", torch.float32)
     with pytest.raises(KeyError):
         native.pointer(torch.zeros(1, dtype=torch.int64))  # no C instance for integers
 

@@ -1,10 +1,8 @@
 """The separable Gabor generation and its C kernels (medexp.nn.fast.generate, .spectrum, .product,
-.gradient, .native) against the PyTorch operations they replace, values and gradients: eq. 2's factors
-(medexp.nn.gabor_separable.gabor_factors), and the C kernels as a generic engine for any separable factors."""
+.gradient, .native) against the PyTorch operations they replace, values and gradients."""
 
 from __future__ import annotations
 
-import cmath
 import math
 import os
 import stat
@@ -14,11 +12,11 @@ import torch
 
 from medexp.nn.fast import generate, gradient, native
 from medexp.nn.fast.direct import direct_conv, weight_channels_last
-from medexp.nn.fast.generate import expand_torch, native_weight, torch_weight
+from medexp.nn.fast.generate import expand_torch, native_weight, rows_torch, torch_weight
 from medexp.nn.fast.gradient import fused_gradient_conv
 from medexp.nn.fast.product import channel_product, fused_product
 from medexp.nn.fast.spectrum import kernel_spectrum, native_spectrum
-from medexp.nn.gabor import GaborConv3d, gabor_factors, gabor_kernel2d, gabor_kernel3d
+from medexp.nn.gabor import GaborConv3d, gabor_kernel2d, gabor_kernel3d
 
 needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler")
 
@@ -58,83 +56,34 @@ def _on_threads(n: int, fn):
 
 
 def _weight(params, k, native: bool, channels_last: bool = True):
-    """The weight from eq. 2's factors by the C kernels, or as the fallback computes it without them: the
-    factors' PyTorch expansion in 3D, the formula in 2D."""
-    if native:
-        return native_weight(gabor_factors(*params, size=k), channels_last)
-    if len(params) == 8:
-        return torch_weight(gabor_factors(*params, size=k))
-    return gabor_kernel2d(*params, size=k)
+    """The weight by the C kernels, or by the separable PyTorch operations (the fallback)."""
+    return native_weight(tuple(params), k, channels_last) if native else torch_weight(tuple(params), k)
 
 
-def _hand_factors(sigma, u, amplitudes, f_re, f_im, psi, k):
-    """F_j,t[r] = exp(-r^2 / (2 sigma^2)) e^{i 2 pi f_t u_j r}, the last axis times c_0 = a_re e^{i psi},
-    c_1 = -i a_im e^{i psi}, for one pair, as (d, k, 2, 2, 1, 1), term by term with cmath."""
-    a_re, a_im = amplitudes
-    c = (a_re * cmath.exp(1j * psi), -1j * a_im * cmath.exp(1j * psi))
-    out = torch.zeros(len(u), k, 2, 2, 1, 1, dtype=torch.float64)
-    for j, uj in enumerate(u):
-        for a in range(k):
-            r = a - k // 2
-            for t, f in enumerate((f_re, f_im)):
-                z = math.exp(-(r**2) / (2 * sigma**2)) * cmath.exp(2j * math.pi * f * uj * r)
-                z *= c[t] if j == len(u) - 1 else 1
-                out[j, a, t, 0, 0, 0], out[j, a, t, 1, 0, 0] = z.real, z.imag
-    return out
-
-
-def test_factors_from_eq2_parameters_give_the_formula():
-    # Factors built by hand from eq. 2's parameters for one 3D pair (u the direction of x' along D, H, W);
-    # gabor_factors must give them, and their expansion (PyTorch, C) must reproduce gabor_kernel3d.
+def test_rows_from_eq2_parameters_give_the_formula():
+    # q built by hand from eq. 2's parameters for one 3D pair: s = 1 / (2 sigma^2), w_jt = 2 pi u_j f_t,
+    # c_0 = a_re e^{i psi}, c_1 = -i a_im e^{i psi}; expand must reproduce gabor_kernel3d.
     sigma, ty, tz, a_re, a_im, f_re, f_im, psi = 1.7, 0.4, -1.1, 0.8, -0.3, 0.12, 0.21, 0.5
     u = (math.sin(ty), -math.cos(ty) * math.sin(tz), math.cos(ty) * math.cos(tz))  # along (D, H, W)
-    want_factors = _hand_factors(sigma, u, (a_re, a_im), f_re, f_im, psi, 5)
+    omega = [2 * math.pi * uj * f for uj in u for f in (f_re, f_im)]
+    coef = [a_re * math.cos(psi), a_re * math.sin(psi), a_im * math.sin(psi), -a_im * math.cos(psi)]
+    q = torch.tensor([[[1 / (2 * sigma**2), *omega, *coef]]], dtype=torch.float64)
     params = [torch.tensor([[v]], dtype=torch.float64) for v in (sigma, ty, tz, a_re, a_im, f_re, f_im, psi)]
-    torch.testing.assert_close(gabor_factors(*params, size=5), want_factors, rtol=1e-12, atol=1e-12)
     want = gabor_kernel3d(*params, size=5)
-    torch.testing.assert_close(expand_torch(want_factors), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(expand_torch(q, 5), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rows_torch(tuple(params)), q)
     if native.available(params[0]):
-        torch.testing.assert_close(native_weight(want_factors), want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(native_weight(tuple(params), 5), want, rtol=1e-12, atol=1e-12)
 
 
-def test_2d_factors_give_the_formula():
+def test_2d_rows_give_the_formula():
     sigma, theta, a_re, a_im, f_re, f_im, psi = 2.1, 0.7, -0.5, 0.9, 0.05, 0.3, -2.0
     u = (math.sin(theta), math.cos(theta))  # x' = x cos theta + y sin theta along (H, W)
-    want_factors = _hand_factors(sigma, u, (a_re, a_im), f_re, f_im, psi, 7)
+    omega = [2 * math.pi * uj * f for uj in u for f in (f_re, f_im)]
+    coef = [a_re * math.cos(psi), a_re * math.sin(psi), a_im * math.sin(psi), -a_im * math.cos(psi)]
+    q = torch.tensor([[[1 / (2 * sigma**2), *omega, *coef]]], dtype=torch.float64)
     params = [torch.tensor([[v]], dtype=torch.float64) for v in (sigma, theta, a_re, a_im, f_re, f_im, psi)]
-    torch.testing.assert_close(gabor_factors(*params, size=7), want_factors, rtol=1e-12, atol=1e-12)
-    if native.available(params[0]):
-        want = gabor_kernel2d(*params, size=7)
-        torch.testing.assert_close(native_weight(want_factors), want, rtol=1e-12, atol=1e-12)
-
-
-def _any_factors(d: int, k: int, cout: int, cin: int, seed: int = 0) -> torch.Tensor:
-    """Random factors (d, k, 2, 2, cout, cin): no Gabor structure at all."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(d, k, 2, 2, cout, cin, generator=gen, dtype=torch.float64).requires_grad_()
-
-
-def _expand_einsum(factors: torch.Tensor) -> torch.Tensor:
-    """sum_t Re prod_j F_j,t[x_j] by einsum: the definition of the C kernels' weight."""
-    z = torch.complex(factors[:, :, :, 0], factors[:, :, :, 1])  # (d, k, term, cout, cin)
-    if factors.shape[0] == 3:
-        return torch.einsum("atoi,btoi,ctoi->oiabc", z[0], z[1], z[2]).real
-    return torch.einsum("atoi,btoi->oiab", z[0], z[1]).real
-
-
-@needs_native
-@pytest.mark.parametrize("d", [2, 3])
-def test_c_kernels_expand_any_separable_factors(d):
-    # The C kernels are a generic engine: for factors without any Gabor structure, the weight, its spectrum
-    # and their gradients w.r.t. the factors equal the einsum definition (and its pruned DFT).
-    factors = _any_factors(d, 5, 3, 18, seed=12)
-    for channels_last in (True, False):
-        _same_values_and_gradients(native_weight(factors, channels_last), _expand_einsum(factors), [factors])
-    sizes = (8, 6, 10)[:d]
-    want = kernel_spectrum(_expand_einsum(factors), sizes)
-    _same_values_and_gradients(native_spectrum(factors, sizes), want, [factors])
-    if d == 3:
-        _same_values_and_gradients(expand_torch(factors), _expand_einsum(factors), [factors])
+    torch.testing.assert_close(expand_torch(q, 7), gabor_kernel2d(*params, size=7), rtol=1e-12, atol=1e-12)
 
 
 @needs_native
@@ -173,14 +122,12 @@ def test_native_float32_and_threads(monkeypatch):
 
 
 def test_bad_shapes_and_sizes_are_rejected():
-    with pytest.raises(ValueError, match=r"\(d, k, 2, 2, cout, cin\)"):
-        expand_torch(torch.zeros(4, 11))
-    with pytest.raises(ValueError, match="expands 3D factors"):
-        expand_torch(torch.zeros(2, 3, 2, 2, 1, 1))
-    with pytest.raises(ValueError, match="k odd"):
-        native_weight(torch.zeros(3, 4, 2, 2, 1, 1))
+    with pytest.raises(ValueError, match="cout, cin, 11"):
+        expand_torch(torch.zeros(4, 11), 7)
+    with pytest.raises(ValueError, match="odd"):
+        native_weight((torch.ones(1, 1),) * 8, k=4)
     with pytest.raises(ValueError, match="even lengths"):
-        native_spectrum(torch.zeros(3, 3, 2, 2, 1, 1), (8, 7, 8))
+        native_spectrum((torch.ones(1, 1),) * 8, 3, (8, 7, 8))
 
 
 def test_no_compiler_falls_back_with_one_warning(tmp_path, monkeypatch):
@@ -222,8 +169,8 @@ def test_build_is_cached_per_key(tmp_path, monkeypatch):
 def _spectrum(params, k, sizes, native: bool):
     """The kernel spectrum by the C kernels, or as the pruned DFT of the separable PyTorch weight."""
     if native:
-        return native_spectrum(gabor_factors(*params, size=k), sizes)
-    return kernel_spectrum(_weight(params, k, native=False), sizes)
+        return native_spectrum(tuple(params), k, sizes)
+    return kernel_spectrum(torch_weight(tuple(params), k), sizes)
 
 
 @needs_native
@@ -259,12 +206,12 @@ def test_native_spectrum_gradcheck_and_float32_threads(monkeypatch):
 
 
 def _stored_product(x, params, k, sizes):
-    """The channel product with the spectrum of the taps (the PyTorch path: pruned DFT of the weight)."""
+    """The channel product with the spectrum of the taps (the PyTorch path: pruned DFT of expand_torch)."""
     return channel_product(x, _spectrum(params, k, sizes, native=False))
 
 
 def _fused_product(x, params, k, sizes):
-    return fused_product(x, gabor_factors(*params, size=k), sizes)
+    return fused_product(x, tuple(params), k, sizes)
 
 
 @needs_native
@@ -294,7 +241,7 @@ def test_native_spectral_product_gradcheck_and_float32_threads(monkeypatch):
     floats = [p.detach().float() for p in params]
     got = _on_threads(3, lambda: _fused_product(x.float(), floats, 7, (14, 14, 14)))
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
-    with pytest.raises(ValueError, match="do not match factors"):
+    with pytest.raises(ValueError, match="do not match parameters"):
         _fused_product(x, [p.detach().float() for p in params], 7, (14, 14, 14))  # float64 x, float32 params
 
 
@@ -340,10 +287,9 @@ def test_fused_gradient_pays_on_the_deepest_levels():
 def _conv(x, params, k, bias, impl, fused: bool):
     """The direct convolution with the C-generated weight, its parameters' gradient fused or via dL/dW."""
     contiguous = impl == "direct_contiguous"
-    factors = gabor_factors(*params, size=k)
     if fused:
-        return fused_gradient_conv(x, factors, bias, contiguous)
-    weight = native_weight(factors, weight_channels_last(x, contiguous))
+        return fused_gradient_conv(x, tuple(params), k, bias, contiguous)
+    weight = native_weight(tuple(params), k, weight_channels_last(x, contiguous))
     return direct_conv(x, weight, bias, contiguous)
 
 
@@ -352,10 +298,10 @@ def _conv(x, params, k, bias, impl, fused: bool):
 @pytest.mark.parametrize("impl", ["direct", "direct_contiguous"])
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_gabor_conv_equals_the_convolution_with_the_generated_weight(d, spatial, k, impl, channels_last):
-    # fused_gradient_conv forms the factors' gradient from x and the output gradient (csrc
-    # separable_conv_backward) instead of from dL/dW: values and gradients (x, bias, every parameter) equal
-    # the convolution with the generated weight; batch 2, full and partial blocks (cin 19), offsets reaching
-    # past non-cubic volumes.
+    # fused_gradient_conv forms the parameters' gradient from x and the output gradient (csrc
+    # gabor_conv_backward)
+    # instead of from dL/dW: values and gradients (x, bias, every parameter) equal the convolution with the
+    # generated weight; batch 2, full and partial blocks (cin 19), offsets reaching past non-cubic volumes.
     params = _params(3, 19, d, seed=10)
     x = torch.randn(2, 19, *spatial, dtype=torch.float64)
     if channels_last:
@@ -381,5 +327,5 @@ def test_gabor_conv_gradcheck_float32_threads_and_bad_input(monkeypatch):
     got = _on_threads(3, lambda: torch.autograd.grad(loss(), floats))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4 * w.abs().max().item())
-    with pytest.raises(ValueError, match="does not match factors"):
+    with pytest.raises(ValueError, match="do not match parameters"):
         _conv(x, floats, 7, None, "direct", fused=True)  # float64 x, float32 parameters

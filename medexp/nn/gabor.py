@@ -11,10 +11,7 @@ is isotropic); x, y, z are voxel offsets along the last (W), middle (H) and firs
 
 This file is the definition: `gabor_kernel3d` / `gabor_kernel2d` evaluate eq. 2 as written, `weight()`
 applies them to a layer's parameters, `reference(x)` convolves with that weight. Every other `impl` is
-faster (medexp.nn.fast) and tested against `reference`; they see eq. 2 only through its separable factors
-(the layer's `factors()`, medexp.nn.gabor_separable), so that this file and that one are the only places of
-its parameterisation: medexp.nn.fast and its C kernels compute with sums of separable complex kernels
-whatever their factors mean.
+faster (medexp.nn.fast) and tested against `reference`.
 """
 
 from __future__ import annotations
@@ -27,9 +24,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medexp.nn import fast
-from medexp.nn.gabor_separable import check_pair_params, gabor_factors, offsets
 
 SIGMA_MIN = 1e-2  # floor on the softplus-reparametrised sigma: keeps 1 / sigma^2 finite
+
+
+def _offsets(size: int, like: Tensor) -> Tensor:
+    """Integer offsets from the kernel centre, e.g. size 7 -> [-3, ..., 3], on like's device and dtype."""
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"Gabor kernel size must be a positive odd integer, got {size}")
+    return torch.arange(-(size // 2), size // 2 + 1, device=like.device, dtype=like.dtype)
+
+
+def _check_pair_params(params: tuple[Tensor, ...]) -> None:
+    shapes = [tuple(p.shape) for p in params]
+    if len(set(shapes)) != 1 or len(shapes[0]) != 2:
+        raise ValueError(f"Gabor parameters must all be (cout, cin) tensors of one shape, got {shapes}")
 
 
 def gabor_kernel3d(sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi, size: int) -> Tensor:
@@ -43,8 +52,8 @@ def gabor_kernel3d(sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi, size: i
     Returns (cout, cin, k, k, k) kernels; axis 2 is z (D), axis 3 is y (H), axis 4 is x (W).
     """
     params = (sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi)
-    check_pair_params(params)
-    r = offsets(size, sigma)
+    _check_pair_params(params)
+    r = _offsets(size, sigma)
     x, y, z = r.view(1, 1, 1, 1, size), r.view(1, 1, 1, size, 1), r.view(1, 1, size, 1, 1)  # along W, H, D
     # every parameter (cout, cin) -> (cout, cin, 1, 1, 1), to broadcast against the offsets
     sigma, theta_y, theta_z, a_re, a_im, f_re, f_im, psi = (t[..., None, None, None] for t in params)
@@ -62,8 +71,8 @@ def gabor_kernel2d(sigma, theta, a_re, a_im, f_re, f_im, psi, size: int) -> Tens
     sin(2 pi f_im x' + psi)) with x' = x cos(theta) + y sin(theta): (cout, cin) tensors as `gabor_kernel3d`
     -> (cout, cin, k, k) kernels, axis 2 is y (H), axis 3 is x (W)."""
     params = (sigma, theta, a_re, a_im, f_re, f_im, psi)
-    check_pair_params(params)
-    r = offsets(size, sigma)
+    _check_pair_params(params)
+    r = _offsets(size, sigma)
     x, y = r.view(1, 1, 1, size), r.view(1, 1, size, 1)  # along W, H
     # every parameter (cout, cin) -> (cout, cin, 1, 1), to broadcast against the offsets
     sigma, theta, a_re, a_im, f_re, f_im, psi = (t[..., None, None] for t in params)
@@ -121,7 +130,7 @@ class _GaborConvNd(nn.Module):
         for f in (self.f_re, self.f_im):
             f.uniform_(0.0, 0.3)
         self.psi.uniform_(-math.pi, math.pi)
-        r = offsets(k, sigma)
+        r = _offsets(k, sigma)
         r2 = sum(t**2 for t in torch.meshgrid(*[r] * self.spatial_dims, indexing="ij"))  # (k,)*d, |x|^2
         # sum_x g(x)^2 = sum_x exp(-|x|^2 / sigma^2) per pair: (cout, cin, k^d) summed -> (cout, cin)
         energy = torch.exp(-r2.reshape(1, 1, -1) / sigma[..., None] ** 2).sum(-1)
@@ -140,19 +149,9 @@ class _GaborConvNd(nn.Module):
         angles = [getattr(self, name) for name in self.angle_names]
         return (self.sigma, *angles, self.a_re, self.a_im, self.f_re, self.f_im, self.psi)
 
-    def _params(self, dtype: torch.dtype | None) -> tuple[Tensor, ...]:
-        params = self.eq2_params()
-        return params if dtype is None else tuple(p.to(dtype) for p in params)
-
-    def weight(self, size: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
-        """The kernels of eq. 2, (cout, cin, k, ..., k); with `size`, only the central size^d taps; with
-        `dtype`, computed from the parameters in that dtype."""
-        return self.formula(*self._params(dtype), size=self.kernel_size if size is None else size)
-
-    def factors(self, size: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
-        """`weight(size, dtype)` as its separable factors (d, size, 2, 2, cout, cin) (`gabor_factors`, in
-        medexp.nn.gabor_separable): what medexp.nn.fast computes with."""
-        return gabor_factors(*self._params(dtype), size=self.kernel_size if size is None else size)
+    def weight(self, size: int | None = None) -> Tensor:
+        """The kernels of eq. 2, (cout, cin, k, ..., k); with `size`, only the central size^d taps."""
+        return self.formula(*self.eq2_params(), size=self.kernel_size if size is None else size)
 
     def reference(self, x: Tensor) -> Tensor:
         """The definition of the layer, impl "reference": F.conv{2,3}d(x, weight(), bias, padding=k // 2)."""

@@ -1,9 +1,8 @@
 """'Same'-padded convolution through the FFT, by overlap-save tiles.
 
-`spectral_conv(x, weight_shape, product, bias)` equals `F.conv3d(x, weight, bias, padding=k // 2)` (or
-`F.conv2d`) for the weight whose channel product `product` computes (`stored_product(lambda sizes:
-kernel_spectrum(weight, sizes))` for any weight): the stride-1 cross-correlation
-out[n] = sum_m x[n + m - k // 2] w[m] with zero padding, computed by the convolution theorem as
+`fft_conv(x, weight, bias)` equals `F.conv3d(x, weight, bias, padding=k // 2)` (or `F.conv2d`): the
+stride-1 cross-correlation out[n] = sum_m x[n + m - k // 2] w[m] with zero padding, computed by the
+convolution theorem as
 
     out = irfftn( sum over input channels of rfftn(x) * conj(rfftn(w)) )
 
@@ -18,8 +17,8 @@ products per voxel for the direct convolution: for 7^3 kernels it wins at most l
   wrap-around). Small tiles keep the per-frequency weights small and give the channel product a batch of
   tiles. `plan_tiles` picks P by a cost model fitted on CPU; other devices time a few sizes instead
   (medexp.nn.fast.backend).
-- The channel product is a function (medexp.nn.fast.product): with a stored kernel spectrum, or for
-  weights given by separable factors with the spectrum built inside it.
+- The channel product is a function (medexp.nn.fast.product): with a stored kernel spectrum, or for Gabor
+  layers with the spectrum built inside it.
 - Hand-written backwards where autograd's generic ones are slow: rfftn's (a c2r transform instead of a
   full-size c2c) and the tiling's (overlap-add as 2^d strided adds).
 """
@@ -34,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medexp.nn.fast.direct import format_of
-from medexp.nn.fast.product import Product
+from medexp.nn.fast.product import Product, stored_product
+from medexp.nn.fast.spectrum import kernel_spectrum
 
 
 def _is_smooth(n: int) -> bool:
@@ -233,9 +233,9 @@ def spectral_conv(
     batch), which the tile plan then costs as such. Returns (B, cout, *S) in x's memory format."""
     d = x.dim() - 2
     if d not in (2, 3) or len(weight_shape) != d + 2 or weight_shape[1] != x.shape[1]:
-        raise ValueError(f"spectral_conv: input {tuple(x.shape)} and weight {weight_shape} do not match")
+        raise ValueError(f"fft_conv: input {tuple(x.shape)} and weight {tuple(weight_shape)} do not match")
     if any(k % 2 == 0 for k in weight_shape[2:]):
-        raise ValueError(f"spectral_conv: kernel sizes must be odd, got weight {tuple(weight_shape)}")
+        raise ValueError(f"fft_conv: kernel sizes must be odd, got weight {tuple(weight_shape)}")
     batch, cin, *spatial = x.shape
     cout, ks = weight_shape[0], tuple(weight_shape[2:])
     axes = plan_tiles(tuple(spatial), ks, cin, cout, batch, tile, fused_tiles)
@@ -253,3 +253,20 @@ def spectral_conv(
     if bias is not None:
         out = out + bias.view(1, cout, *[1] * d)
     return out.contiguous(memory_format=format_of(x))
+
+
+def fft_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, tile: int | None = None) -> Tensor:
+    """'Same'-padded stride-1 convolution (cross-correlation, like F.conv{2,3}d) through the FFT.
+
+    Args:
+        x: (B, cin, *S) input, 2 or 3 spatial dims, any memory format.
+        weight: (cout, cin, *k) kernel with odd sizes k.
+        bias: optional (cout,) bias.
+        tile: FFT size per axis; default chosen by `plan_tiles`.
+
+    Returns:
+        (B, cout, *S), equal to F.conv{d}d(x, weight, bias, padding=k // 2) up to float rounding, in the
+        memory format of x.
+    """
+    product = stored_product(lambda sizes: kernel_spectrum(weight, sizes))
+    return spectral_conv(x, tuple(weight.shape), product, bias, tile)

@@ -41,8 +41,11 @@ from medexp.errors import ConfigError
 SOURCES = Path(__file__).resolve().parent / "csrc"
 # -fopenmp-simd honours the `#pragma omp simd` loops without linking an OpenMP runtime (torch has its own).
 SHARED = ["-shared", "-fPIC"]
-# The first set that compiles wins: for this CPU, then without -march=native (other compilers).
+NO_SINCOS = [f"-fno-builtin-{f}" for f in ("sin", "cos", "sinf", "cosf")]  # see csrc/separable.c
+# The first set that compiles wins: vector math from glibc's libmvec (-DSEP_MVEC -lmvec), then without it
+# (other C libraries), then without -march=native (other compilers).
 FLAG_SETS = (  # (compiler flags, libraries: after the source, for linkers that drop unused ones)
+    (["-O3", "-march=native", "-fopenmp-simd", *SHARED, "-DSEP_MVEC", *NO_SINCOS], ["-lmvec", "-lm"]),
     (["-O3", "-march=native", "-fopenmp-simd", *SHARED], ["-lm"]),
     (["-O3", "-fopenmp-simd", *SHARED], ["-lm"]),
 )
@@ -56,16 +59,18 @@ C_REAL = {torch.float32: ctypes.c_float, torch.float64: ctypes.c_double}  # REAL
 REAL, SIZES = "REAL*", ctypes.POINTER(ctypes.c_long)
 _L, _I = ctypes.c_long, ctypes.c_int
 SIGNATURES: dict[str, tuple[tuple, type]] = {
-    "separable_expand": ((REAL, REAL, _L, _L, _I, _I, _I, _L, _L), _I),
-    "separable_expand_backward": ((REAL, REAL, REAL, _L, _L, _I, _I, _I, _L, _L), _I),
-    "separable_conv_backward": ((REAL, REAL, REAL, REAL, _L, _L, _L, _I, _I, SIZES, _L, _L, _L), _I),
-    "separable_spectrum": ((REAL, REAL, _L, _L, _L, _I, _I, SIZES, _L, _L), _I),
-    "separable_spectrum_backward": ((REAL, REAL, REAL, _L, _L, _L, _I, _I, SIZES, _L, _L), _I),
+    "gabor_rows": ((*[REAL] * 10, _L, _I, _L, _L), _I),
+    "gabor_rows_backward": ((*[REAL] * 17, _L, _I, _L, _L), _I),
+    "gabor_expand": ((REAL, REAL, REAL, _L, _L, _I, _I, _I, _L, _L), _I),
+    "gabor_expand_backward": ((REAL, REAL, REAL, REAL, _L, _L, _I, _I, _I, _L, _L), _I),
+    "gabor_conv_backward": ((*[REAL] * 5, _L, _L, _L, _I, _I, SIZES, _L, _L, _L), _I),
+    "gabor_spectrum": ((REAL, REAL, REAL, _L, _L, _L, _I, _I, SIZES, _L, _L), _I),
+    "gabor_spectrum_backward": ((*[REAL] * 4, _L, _L, _L, _I, _I, SIZES, _L, _L), _I),
     "spectral_table_length": ((_I, SIZES), _L),
-    "spectral_tables": ((REAL, REAL, _L, _L, _L, _I, _I, SIZES, _L, _L), _I),
+    "spectral_tables": ((REAL, REAL, REAL, _L, _L, _L, _I, _I, SIZES, _L, _L), _I),
     "spectral_forward": ((REAL, REAL, REAL, _L, _L, _L, _I, SIZES, _L, _L), _I),
     "spectral_backward_input": ((REAL, REAL, REAL, _L, _L, _L, _I, SIZES, _L, _L), _I),
-    "spectral_backward_kernel": ((REAL, REAL, REAL, REAL, _L, _L, _L, _L, _I, _I, SIZES, _L, _L), _I),
+    "spectral_backward_kernel": ((*[REAL] * 5, _L, _L, _L, _L, _I, _I, SIZES, _L, _L), _I),
 }
 BLOCK = 16  # BW of csrc/separable.c: channel pairs per block (one AVX-512 register of floats)
 MIN_PER_THREAD = 2048  # pairs; with fewer per thread one call on this thread (a wake-up costs more)
@@ -174,7 +179,7 @@ class CFunction:
 
 
 def function(name: str, dtype: torch.dtype) -> CFunction:
-    """The C function `name` for `dtype`, e.g. separable_expand_f32, as declared in SIGNATURES."""
+    """The C function `name` for `dtype`, e.g. gabor_expand_f32, as declared in SIGNATURES."""
     if name not in SIGNATURES:
         raise KeyError(f"medexp: C function {name!r} has no entry in native.SIGNATURES")
     return CFunction(getattr(library(), f"{name}_{SUFFIX[dtype]}"))

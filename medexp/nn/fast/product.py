@@ -12,12 +12,11 @@ stack/slice copies. Two ways to get K:
 - stored (`stored_product`): K computed once per forward (medexp.nn.fast.spectrum) and read by the GEMMs;
   many tiles (x batch) share its cost. Two arrangements of the same GEMMs, the cheaper by copied volume
   (`scripts/bench.py`: each wins on its side of the rule): rows [x_re; x_im] against w_re and w_im as views
-  (`RowsProduct`, copies the input spectra: few tiles, many channel pairs) or the interleaved input
-  against the real block [[w_re, w_im], [-w_im, w_re]] (`BlockProduct`, copies 4x the kernel spectrum).
-- fused (`fused_product`, C kernels, csrc/spectral_impl.h; weights given by separable factors,
-  medexp.nn.fast.generate): with one tile the stored K (F cin cout complex numbers) is written, read, its
-  gradient written and read again, and the product is memory-bound; here each block of K is built from the
-  pairs' 1D transforms of the factors where the product uses it and never stored. It
+  (`_RowsProduct`, copies the input spectra: few tiles, many channel pairs) or the interleaved input
+  against the real block [[w_re, w_im], [-w_im, w_re]] (`_BlockProduct`, copies 4x the kernel spectrum).
+- fused (`fused_product`, C kernels, csrc/spectral_impl.h): with one tile the stored K (F cin cout complex
+  numbers) is written, read, its gradient written and read again, and the product is memory-bound; here
+  each block of K is built from the pairs' 1D transforms where the product uses it and never stored. It
   wins up to FUSED_MAX_TILES tiles (x batch), where K's cost is not shared (`scripts/bench.py --sections
   product`).
 """
@@ -31,7 +30,7 @@ import torch
 from torch import Tensor
 
 from medexp.nn.fast import native
-from medexp.nn.fast.generate import check_factors
+from medexp.nn.fast.generate import c_params, dims, native_rows, native_rows_backward
 from medexp.nn.fast.spectrum import check_sizes
 
 FUSED_MAX_TILES = 4  # tiles (x batch) up to which `fused_product` beats the stored spectrum
@@ -47,12 +46,12 @@ def channel_product(x: Tensor, w: Tensor) -> Tensor:
     cout = w.shape[-1]
     if tiles * (cin + cout) < 2 * cin * cout:
         rows = x.permute(0, 3, 1, 2).reshape(freqs, 2 * tiles, cin)  # (F, [re; im] T, cin)
-        return RowsProduct.apply(rows, w)  # (F, T, cout, 2)
+        return _RowsProduct.apply(rows, w)  # (F, T, cout, 2)
     interleaved = x.reshape(freqs, tiles, 2 * cin)  # (F, T, cin re/im): a free view
-    return BlockProduct.apply(interleaved, w).view(freqs, tiles, cout, 2)
+    return _BlockProduct.apply(interleaved, w).view(freqs, tiles, cout, 2)
 
 
-class BlockProduct(torch.autograd.Function):
+class _BlockProduct(torch.autograd.Function):
     """x (F, T, 2 cin), (re, im) interleaved per input channel, and w = (w_re, w_im) (2, F, cin, cout) -> the
     complex product (F, T, 2 cout) as one GEMM per frequency with the real block [[w_re, w_im], [-w_im,
     w_re]] (F, 2 cin, 2 cout), written in one buffer; its gradient is folded straight into the kernel
@@ -83,7 +82,7 @@ class BlockProduct(torch.autograd.Function):
         return grad_x, grad_w
 
 
-class RowsProduct(torch.autograd.Function):
+class _RowsProduct(torch.autograd.Function):
     """rows = [x_re; x_im] (F, 2T, cin) and w = (w_re, w_im) (2, F, cin, cout) -> the complex product
     (F, T, cout, 2) = (x_re w_re - x_im w_im, x_re w_im + x_im w_re), from a = rows w_re and b = rows w_im.
     The backward writes the spectrum's gradient halves in place and each half of the product's gradient
@@ -128,35 +127,37 @@ def _per_row(x: Tensor, cout: int, sizes: tuple[int, ...]) -> int:
 
 
 class _FusedProduct(torch.autograd.Function):
-    """`channel_product(x, native_spectrum(factors, sizes))` without the spectrum (csrc/spectral_impl.h):
-    each block of it is built from the pairs' 1D transforms where the product uses it, both ways."""
+    """`channel_product(x, native_spectrum(...))` without the spectrum (csrc/spectral_impl.h): each block
+    of it is built from the pairs' 1D transforms where the product uses it, forward and backward."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, sizes: tuple[int, ...], factors: Tensor) -> Tensor:
-        factors = factors.contiguous()  # a no-op for gabor_factors' result
-        d, k, cout, cin = check_factors(factors)
+    def forward(ctx, x: Tensor, k: int, sizes: tuple[int, ...], *params: Tensor) -> Tensor:
+        d = dims(params)
+        flat = c_params(params)
+        q, e = native_rows(flat, d)
+        (cout, cin), pairs = flat[0].shape, flat[0].numel()
         freqs, tiles = x.shape[:2]
         blocks, c_sizes = cin * -(-cout // native.BLOCK), native.c_sizes(sizes)
-        table_length = native.function("spectral_table_length", factors.dtype)(d, c_sizes)
-        tables = factors.new_empty(blocks, table_length)  # the blocks' 1D transforms
-        args = (native.pointer(factors), native.pointer(tables), cout * cin, cin, cout, d, k, c_sizes)
-        native.run_chunked(native.function("spectral_tables", factors.dtype), blocks, native.BLOCK, *args)
+        table_length = native.function("spectral_table_length", q.dtype)(d, c_sizes)
+        tables = q.new_empty(blocks, table_length)  # the blocks' 1D transforms
+        args = (*[native.pointer(t) for t in (q, e, tables)], *native.longs(pairs, cin, cout), d, k, c_sizes)
+        native.run_chunked(native.function("spectral_tables", q.dtype), blocks, native.BLOCK, *args)
         x = x.contiguous()  # (F, T, cin, re/im)
         # plain tensors: x may be a MONAI MetaTensor, whose new_empty rejects a size given as ints
         out = torch.empty((freqs, tiles, cout, 2), dtype=x.dtype, device=x.device)
-        args = (*[native.pointer(t) for t in (tables, x, out)], cin, cout, tiles, d, c_sizes)
-        forward = native.function("spectral_forward", factors.dtype)
+        args = (*[native.pointer(t) for t in (tables, x, out)], *native.longs(cin, cout, tiles), d, c_sizes)
+        forward = native.function("spectral_forward", q.dtype)
         native.run_chunked(forward, sizes[0], _per_row(x, cout, sizes), *args)
-        ctx.save_for_backward(x, tables, factors)
-        ctx.sizes = sizes
+        ctx.save_for_backward(x, tables, *flat, q, e)
+        ctx.k, ctx.d, ctx.sizes = k, d, sizes
         return out  # (F, T, cout, re/im)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, tables, factors = ctx.saved_tensors
-        sizes = ctx.sizes
-        d, k, cout, cin = check_factors(factors)
-        grad = grad.to(factors.dtype)  # the C kernels read the factors' type (a backward under autocast)
+        x, tables, *flat, q, e = ctx.saved_tensors
+        d, k, sizes = ctx.d, ctx.k, ctx.sizes
+        grad = grad.to(q.dtype)  # the C kernels read q's type (a backward run under autocast may differ)
+        (cout, cin), pairs = flat[0].shape, flat[0].numel()
         freqs, tiles = x.shape[:2]
         c_sizes = native.c_sizes(sizes)
         coutp = -(-cout // native.BLOCK) * native.BLOCK  # the C kernels read whole blocks
@@ -167,29 +168,30 @@ class _FusedProduct(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.empty_like(x)
-            args = (*[native.pointer(t) for t in (tables, padded, grad_x)], cin, cout, tiles, d, c_sizes)
-            input_backward = native.function("spectral_backward_input", factors.dtype)
+            pointers = [native.pointer(t) for t in (tables, padded, grad_x)]
+            args = (*pointers, *native.longs(cin, cout, tiles), d, c_sizes)
+            input_backward = native.function("spectral_backward_input", q.dtype)
             native.run_chunked(input_backward, sizes[0], _per_row(x, cout, sizes), *args)
-        dfac = torch.empty_like(factors)
-        pointers = [native.pointer(t) for t in (factors, x, padded, dfac)]
-        args = (*pointers, cout * cin, cin, cout, tiles, d, k, c_sizes)
-        kernel_backward = native.function("spectral_backward_kernel", factors.dtype)
+        dq = torch.empty_like(q)
+        pointers = [native.pointer(t) for t in (q, e, x, padded, dq)]
+        args = (*pointers, *native.longs(pairs, cin, cout, tiles))
+        kernel_backward = native.function("spectral_backward_kernel", q.dtype)
         per_block = max(1, native.BLOCK * freqs * tiles // 64)  # ~64 products per pair unit, like `_per_row`
-        native.run_chunked(kernel_backward, cin * -(-cout // native.BLOCK), per_block, *args)
-        return grad_x, None, dfac
+        native.run_chunked(kernel_backward, cin * -(-cout // native.BLOCK), per_block, *args, d, k, c_sizes)
+        return grad_x, None, None, *native_rows_backward(flat, dq, d)
 
 
-def fused_product(x: Tensor, factors: Tensor, sizes: tuple[int, ...]) -> Tensor:
-    """The channel product of input spectra x (F, T, cin, re/im) with the spectrum of the weight given by
-    separable factors (d, k, 2, 2, cout, cin) (medexp.nn.fast.generate) for FFT sizes `sizes`, (F, T,
-    cout, re/im), by the C kernels without storing the spectrum; differentiable in x and the factors.
-    Callers check `native.available` first."""
-    d, _, _, cin = check_factors(factors)
-    shape_ok = x.dim() == 4 and tuple(x.shape[2:]) == (cin, 2)
-    if not shape_ok or x.dtype != factors.dtype or x.device != factors.device:
+def fused_product(x: Tensor, params: tuple[Tensor, ...], k: int, sizes: tuple[int, ...]) -> Tensor:
+    """The channel product of input spectra x (F, T, cin, re/im) with the spectrum of the Gabor weight of
+    eq. 2 (`gabor_kernel3d`'s parameter order, k taps per axis) for FFT sizes `sizes`, (F, T, cout, re/im),
+    by the C kernels without storing the spectrum; differentiable in x and every parameter. Callers check
+    `native.available` first."""
+    sigma = params[0]
+    shape_ok = x.dim() == 4 and tuple(x.shape[2:]) == (sigma.shape[1], 2)
+    if not shape_ok or x.dtype != sigma.dtype or x.device != sigma.device:
         raise ValueError(
-            f"fused_product: input spectra {tuple(x.shape)} {x.dtype} do not match factors "
-            f"{tuple(factors.shape)} {factors.dtype}; expected (F, T, cin, 2) of the same dtype and device"
+            f"fused_product: input spectra {tuple(x.shape)} {x.dtype} do not match parameters "
+            f"{tuple(sigma.shape)} {sigma.dtype}; expected (F, T, cin, 2) of the same dtype and device"
         )
-    check_sizes(tuple(sizes), d)
-    return _FusedProduct.apply(x, tuple(sizes), factors)
+    check_sizes(tuple(sizes), dims(params))
+    return _FusedProduct.apply(x, k, tuple(sizes), *params)

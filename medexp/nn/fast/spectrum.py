@@ -5,10 +5,10 @@ every frequency. A full FFT of a k^d kernel zero-padded to P^d points wastes mos
 
 - `kernel_spectrum` (any weight): a pruned DFT, the k taps transformed axis by axis with (P x k) DFT
   matrices (one GEMM per axis), cheaper than the FFT of the padded kernel when k << P.
-- `native_spectrum` (weights given by separable factors, medexp.nn.fast.generate; C kernels,
-  csrc/spectrum_impl.h): straight from the factors, with no taps at all: the DFT of a product of 1D factors
-  is the product of their 1D DFTs, and with Re z = (z + conj z) / 2 the spectrum of one pair is four rank-1
-  terms in the 1D transforms. Elsewhere (CUDA, no compiler) the pruned DFT of the generated weight.
+- `gabor_spectrum` (Gabor weights, C kernels, csrc/spectrum_impl.h): straight from the separable factors
+  of eq. 2 (medexp.nn.fast.generate), with no taps at all: the DFT of a product of 1D factors is the
+  product of their 1D DFTs, and with Re z = (z + conj z) / 2 the spectrum of one pair is four rank-1 terms
+  in the 1D transforms. Elsewhere (CUDA, no compiler) the pruned DFT of the generated weight.
 
 Layout (what the per-frequency channel product reads, medexp.nn.fast.product): (2, F, cin, cout), real and
 imaginary parts, F = P_0 ... P_{d-2} (P_{d-1} // 2 + 1) frequencies in rfftn's row-major order.
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from medexp.nn.fast import native
-from medexp.nn.fast.generate import check_factors
+from medexp.nn.fast.generate import c_params, dims, native_rows, native_rows_backward
 
 
 @lru_cache(maxsize=256)
@@ -31,10 +31,10 @@ def _dft_cos_sin(
     k: int, size: int, rows: int, device: torch.device, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     """cos and sin of 2 pi f m / size for frequencies f < rows and taps m < k: two (rows, k) matrices
-    (arguments in float64, so float32 tables are exact to rounding)."""
+    (angles in float64, so float32 tables are exact to rounding)."""
     f, m = torch.arange(rows, dtype=torch.float64), torch.arange(k, dtype=torch.float64)
-    arg = 2 * math.pi * torch.outer(f, m) / size  # (rows, k)
-    return torch.cos(arg).to(device, dtype), torch.sin(arg).to(device, dtype)
+    angle = 2 * math.pi * torch.outer(f, m) / size  # (rows, k)
+    return torch.cos(angle).to(device, dtype), torch.sin(angle).to(device, dtype)
 
 
 @lru_cache(maxsize=256)
@@ -70,34 +70,37 @@ def kernel_spectrum(weight: Tensor, sizes: tuple[int, ...]) -> Tensor:
 
 
 class _NativeSpectrum(torch.autograd.Function):
-    """`kernel_spectrum(native_weight(factors), sizes)` by the C kernels (csrc/spectrum_impl.h): factors ->
-    the conjugate spectrum of the zero-padded kernels, and its gradient -> the factors'."""
+    """`kernel_spectrum(gabor weight, sizes)` by the C kernels (csrc/spectrum_impl.h): parameters -> q, e
+    -> the conjugate spectrum of the zero-padded kernels, and back."""
 
     @staticmethod
-    def forward(ctx, sizes: tuple[int, ...], factors: Tensor) -> Tensor:
-        factors = factors.contiguous()  # a no-op for gabor_factors' result
-        d, k, cout, cin = check_factors(factors)
+    def forward(ctx, k: int, sizes: tuple[int, ...], *params: Tensor) -> Tensor:
+        d = dims(params)
+        flat = c_params(params)
+        q, e = native_rows(flat, d)
+        (cout, cin), pairs = flat[0].shape, flat[0].numel()
         freqs = math.prod(sizes[:-1]) * (sizes[-1] // 2 + 1)
-        out = factors.new_empty(2, freqs, cin, cout)
-        pointers = (native.pointer(factors), native.pointer(out))
-        args = (*pointers, cout * cin, cin, cout, d, k, native.c_sizes(sizes))
-        spectrum = native.function("separable_spectrum", factors.dtype)
+        out = flat[0].new_empty(2, freqs, cin, cout)
+        pointers = [native.pointer(t) for t in (q, e, out)]
+        args = (*pointers, *native.longs(pairs, cin, cout), d, k, native.c_sizes(sizes))
+        spectrum = native.function("gabor_spectrum", q.dtype)
         native.run_chunked(spectrum, cin * -(-cout // native.BLOCK), native.BLOCK, *args)
-        ctx.save_for_backward(factors)
-        ctx.sizes = sizes
+        ctx.save_for_backward(*flat, q, e)
+        ctx.k, ctx.d, ctx.sizes = k, d, sizes
         return out  # (re/im, F, cin, cout)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (factors,) = ctx.saved_tensors
-        d, k, cout, cin = check_factors(factors)
-        grad = grad.to(factors.dtype).contiguous()  # (re/im, F, cin, cout), in the C kernels' type
-        dfac = torch.empty_like(factors)
-        pointers = [native.pointer(t) for t in (factors, grad, dfac)]
-        args = (*pointers, cout * cin, cin, cout, d, k, native.c_sizes(ctx.sizes))
-        backward = native.function("separable_spectrum_backward", factors.dtype)
+        *flat, q, e = ctx.saved_tensors
+        d, k = ctx.d, ctx.k
+        (cout, cin), pairs = flat[0].shape, flat[0].numel()
+        grad = grad.to(q.dtype).contiguous()  # (re/im, F, cin, cout), in the C kernels' type
+        dq = torch.empty_like(q)
+        pointers = [native.pointer(t) for t in (q, e, grad, dq)]
+        args = (*pointers, *native.longs(pairs, cin, cout), d, k, native.c_sizes(ctx.sizes))
+        backward = native.function("gabor_spectrum_backward", q.dtype)
         native.run_chunked(backward, cin * -(-cout // native.BLOCK), native.BLOCK, *args)
-        return None, dfac
+        return None, None, *native_rows_backward(flat, dq, d)
 
 
 def check_sizes(sizes: tuple[int, ...], d: int) -> None:
@@ -105,9 +108,11 @@ def check_sizes(sizes: tuple[int, ...], d: int) -> None:
         raise ValueError(f"FFT sizes must be even lengths >= 4, one per axis, got {sizes}")
 
 
-def native_spectrum(factors: Tensor, sizes: tuple[int, ...]) -> Tensor:
-    """The spectrum `kernel_spectrum(W, sizes)` of the weight W given by separable factors (d, k, 2, 2,
-    cout, cin) (medexp.nn.fast.generate) by the C kernels, (2, F, cin, cout); differentiable in the factors.
-    Callers check `native.available` first."""
-    check_sizes(tuple(sizes), check_factors(factors)[0])
-    return _NativeSpectrum.apply(tuple(sizes), factors)
+def native_spectrum(params: tuple[Tensor, ...], k: int, sizes: tuple[int, ...]) -> Tensor:
+    """The spectrum `kernel_spectrum(W, sizes)` of the Gabor weight W of eq. 2 (k taps per axis;
+    parameters in `gabor_kernel3d`'s order) by the C kernels, (2, F, cin, cout); differentiable in every
+    parameter. Callers check `native.available` first."""
+    if k < 1 or k % 2 == 0:
+        raise ValueError(f"Gabor kernel size must be a positive odd integer, got {k}")
+    check_sizes(tuple(sizes), dims(params))
+    return _NativeSpectrum.apply(k, tuple(sizes), *params)

@@ -1,5 +1,5 @@
-/* The FFT channel product with the kernel spectrum of sums of separable kernels built where it is used,
- * forward and backward, for one floating type (see separable.c; uses spectrum_impl.h and separable_impl.h).
+/* The FFT channel product of a Gabor layer with its kernel spectrum built where it is used, forward and
+ * backward, for one floating type (see separable.c; uses spectrum_impl.h and separable_impl.h).
  *
  * Written by hand because no library has it. medexp.nn.fast.product's channel product is, per frequency f and
  * tile n (tiles of every batch item),
@@ -14,7 +14,7 @@
  *
  *     forward      Y = sum_i X K                                          units: f0 (P_1 (P_2/2+1) freqs each)
  *     input grad   dL/dX = sum_o G conj(K),   G = dL/dRe Y + i dL/dIm Y    units: f0
- *     kernel grad  dL/dK = sum_n G conj(X), reduced onto the pairs' factors by separable_spectrum_backward's
+ *     kernel grad  dL/dK = sum_n G conj(X), reduced onto the pairs' numbers by gabor_spectrum_backward's
  *                  accumulation (spectrum_impl.h), fed straight from X and G   units: blocks
  *
  * Within a unit the loops run block by block over the unit's P_1 planes, so a block's last-axis transforms
@@ -40,7 +40,7 @@ static void FN(spectral_offsets)(int d, const long *sizes, long *toff) {
 }
 
 /* The transforms of blocks b0 <= block < b1 into tr + block SPEC_LEN; 0, or 1 when out of memory. */
-int FN(spectral_tables)(const REAL *fac, REAL *tr, long pairs, long cin, long cout, int d, int k,
+int FN(spectral_tables)(const REAL *q, const REAL *e, REAL *tr, long pairs, long cin, long cout, int d, int k,
                         const long *sizes, long b0, long b1) {
     long toff[3];
     FN(work) w;
@@ -53,7 +53,7 @@ int FN(spectral_tables)(const REAL *fac, REAL *tr, long pairs, long cin, long co
     FLUSH_DENORMALS_BEGIN
     for (long b = b0; b < b1; b++) {
         long i, o0;
-        SPEC_PREPARE(fac, pairs, cin, cout, d, k, sizes, toff, tab, b, &w, tr + b * len, &i, &o0);
+        SPEC_PREPARE(q, e, pairs, cin, cout, d, k, sizes, toff, tab, b, &w, tr + b * len, &i, &o0);
     }
     FLUSH_DENORMALS_END
     free(base), free(tab);
@@ -150,12 +150,12 @@ int FN(spectral_backward_input)(const REAL *tr, const REAL *g, REAL *gx, long ci
     return 0;
 }
 
-/* Kernel gradient, blocks b0 <= block < b1: dfac of their pairs from x (F, T, cin, 2) and g (F, T, 2, coutp),
+/* Kernel gradient, blocks b0 <= block < b1: dq of their pairs from x (F, T, cin, 2) and g (F, T, 2, coutp),
  * dL/dK = sum_n G conj(X) formed per entry inside spectrum_impl.h's backward; 0, or 1 when out of memory. */
-int FN(spectral_backward_kernel)(const REAL *fac, const REAL *x, const REAL *g, REAL *dfac, long pairs, long cin,
-                                 long cout, long T, int d, int k, const long *sizes, long b0, long b1) {
+int FN(spectral_backward_kernel)(const REAL *q, const REAL *e, const REAL *x, const REAL *g, REAL *dq, long pairs,
+                                 long cin, long cout, long T, int d, int k, const long *sizes, long b0, long b1) {
     const struct FN(spectrum_grad) source = {0, x, g, T, (cout + BW - 1) / BW * BW};
-    return SPEC_BACKWARD(fac, &source, dfac, pairs, cin, cout, d, k, sizes, b0, b1, 1);
+    return SPEC_BACKWARD(q, e, &source, dq, pairs, cin, cout, d, k, sizes, b0, b1, 1);
 }
 
 #undef SPEC_TABLES
@@ -170,9 +170,10 @@ int FN(spectral_backward_kernel)(const REAL *fac, const REAL *x, const REAL *g, 
 /* the block machinery of separable_impl.h, used here too */
 #undef WORKSPACE
 #undef LOAD
-#undef STORE
+#undef FACTORS
 #undef PLANE
 #undef PREPARE
+#undef FACTORS_BACKWARD
 #undef PUT_ROW
 #undef BLOCK_BACKWARD
 #undef VEC

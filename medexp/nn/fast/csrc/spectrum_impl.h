@@ -1,10 +1,11 @@
-/* The kernel spectrum of sums of separable complex kernels straight from their factors, and its gradient,
- * for one floating type (see separable.c; uses the block machinery of separable_impl.h).
+/* The kernel spectrum of Gabor convolutions straight from the separable factors, and its gradient, for one
+ * floating type (see separable.c; uses the block machinery of separable_impl.h).
  *
  * Written by hand because no library has it. medexp.nn.fast.fftconv convolves through the FFT with the kernel
  * spectrum K = conj(rfftn(W zero-padded to P_0 x .. x P_(d-1))), taps at positions 0..k-1; computed from the
- * k^d taps it costs a pruned DFT over all cout cin kernels, forward and backward. The kernel of a pair is
- * W[a, b, c] = sum_t Re(Z_t[a] Y_t[b] X_t[c]) (the factors of separable_impl.h), so with the 1D transforms
+ * k^d taps it costs a pruned DFT over all cout cin kernels, forward and backward. The Gabor kernel of a pair
+ * is W[a, b, c] = sum_t Re(Z_t[a] Y_t[b] X_t[c]) (the factors of separable_impl.h, X_t including c_t), so
+ * with the 1D transforms
  *
  *     T_j,t(f) = sum_a fac_j,t[a] e^{2 pi i f a / P_j}   (f < P_j, all signs: -f is P_j - f)
  *
@@ -27,7 +28,7 @@
  *     axis 0:     beta[a] = 1/2 sum_{f0} (C+(f0) w^{f0 a} + C-(f0) w^{-f0 a}),
  *                 C+(f0) = sum_{f1} B+(f0, f1) T_1,t(f1),  C-(f0) = sum_{f1} B-(f0, f1) T_1,t(-f1),
  *     axis 1:     the same with the roles of f0 and f1 exchanged,
- * and dL/dRe fac = Re beta, dL/dIm fac = -Im beta: the factors' gradient dfac.
+ * and dL/dRe fac = Re beta, dL/dIm fac = -Im beta; FACTORS_BACKWARD takes these to dq.
  * Expects REAL, FN(name), BW and the macros of separable_impl.h.
  */
 
@@ -54,8 +55,8 @@ static REAL *SPEC_TABLES(int d, int k, const long *sizes, long *toff) {
     for (int j = 0; j < d; j++)
         for (long f = 0; f < sizes[j]; f++)
             for (int a = 0; a < k; a++) {
-                const double arg = 6.283185307179586476925 * (double)((f * a) % sizes[j]) / (double)sizes[j];
-                *p++ = (REAL)cos(arg), *p++ = (REAL)sin(arg);
+                const double angle = 6.283185307179586476925 * (double)((f * a) % sizes[j]) / (double)sizes[j];
+                *p++ = (REAL)cos(angle), *p++ = (REAL)sin(angle);
             }
     return tab;
 }
@@ -117,16 +118,18 @@ static int SPEC_ALLOC(FN(work) * w, int d, int k, const long *sizes, long *toff,
     return 1;
 }
 
-/* Loads block `block`'s pairs (input channel i, output channels o0 .. o0 + n - 1): their factors, and their
- * 1D transforms T into spec; returns n. */
-static int SPEC_PREPARE(const REAL *fac, long pairs, long cin, long cout, int d, int k, const long *sizes,
-                        const long *toff, const REAL *tab, long block, FN(work) * w, REAL *spec, long *i,
-                        long *o0) {
+/* Loads block `block`'s pairs (input channel i, output channels o0 .. o0 + n - 1), builds their factors and
+ * their 1D transforms T into spec; returns n. */
+static int SPEC_PREPARE(const REAL *q, const REAL *e, long pairs, long cin, long cout, int d, int k,
+                        const long *sizes, const long *toff, const REAL *tab, long block, FN(work) * w, REAL *spec,
+                        long *i, long *o0) {
     const long blocks_per_i = (cout + BW - 1) / BW;
     *i = block / blocks_per_i, *o0 = (block % blocks_per_i) * BW;
     const int n = cout - *o0 < BW ? (int)(cout - *o0) : BW;
     const long p0 = *o0 * cin + *i;
-    LOAD(fac, 4L * d * k, pairs, p0, cin, n, w->fac);
+    LOAD(q, 1 + 2 * d + 4, pairs, p0, cin, n, w->qs);
+    LOAD(e, 1 + 4 * d, pairs, p0, cin, n, w->es);
+    FACTORS(w->qs, w->es, w->phi, w->fac, d, k);
     const REAL *cs = tab;
     for (int j = 0; j < d; j++) {
         for (int t = 0; t < 2; t++)
@@ -150,8 +153,8 @@ static int SPEC_PREPARE(const REAL *fac, long pairs, long cin, long cout, int d,
  * memory. sizes: the FFT size per axis. Blocks go in groups of GROUP, frequency by frequency within a group,
  * so that the group's stores at one frequency are adjacent in out (one block at a time, every store would
  * open a new cache line and page). */
-int FN(separable_spectrum)(const REAL *fac, REAL *out, long pairs, long cin, long cout, int d, int k,
-                           const long *sizes, long b0, long b1) {
+int FN(gabor_spectrum)(const REAL *q, const REAL *e, REAL *out, long pairs, long cin, long cout, int d, int k,
+                       const long *sizes, long b0, long b1) {
     const long P0 = sizes[0], P1 = d == 3 ? sizes[1] : 1, H = sizes[d - 1] / 2 + 1;
     const long step = cin * cout, imag = P0 * P1 * H * step; /* between frequencies; to the imaginary parts */
     const long per_block = SPEC_BLOCK(d, sizes);
@@ -165,7 +168,7 @@ int FN(separable_spectrum)(const REAL *fac, REAL *out, long pairs, long cin, lon
         long ii[GROUP], oo[GROUP];
         int nn[GROUP];
         for (int g = 0; g < count; g++)
-            nn[g] = SPEC_PREPARE(fac, pairs, cin, cout, d, k, sizes, toff, tab, g0 + g, &w, specs + g * per_block,
+            nn[g] = SPEC_PREPARE(q, e, pairs, cin, cout, d, k, sizes, toff, tab, g0 + g, &w, specs + g * per_block,
                                  &ii[g], &oo[g]);
         for (long f0 = 0; f0 < P0; f0++)
             for (long f1 = 0; f1 < P1; f1++)
@@ -223,15 +226,17 @@ struct FN(spectrum_grad) {
     long tiles, coutp;
 };
 
-/* Backward: dfac of the pairs in blocks b0 <= block < b1 from dL/dK (read as `source` says), in groups of
+/* Backward: dq of the pairs in blocks b0 <= block < b1 from dL/dK (read as `source` says), in groups of
  * `group` <= GROUP blocks (GROUP for a stored grad, like the forward; 1 when formed from X and G, which stay
  * in cache); 0, or 1 when out of memory. */
-static int SPEC_BACKWARD(const REAL *fac, const struct FN(spectrum_grad) * source, REAL *dfac, long pairs,
-                         long cin, long cout, int d, int k, const long *sizes, long b0, long b1, int group) {
+static int SPEC_BACKWARD(const REAL *q, const REAL *e, const struct FN(spectrum_grad) * source, REAL *dq,
+                         long pairs, long cin, long cout, int d, int k, const long *sizes, long b0, long b1,
+                         int group) {
     const long P0 = sizes[0], P1 = d == 3 ? sizes[1] : 1, PL_ = sizes[d - 1], H = PL_ / 2 + 1;
     const long step = cin * cout, imag = P0 * P1 * H * step;
     const REAL *grad = source->grad, *end = grad ? grad + 2 * imag : 0, *xs = source->x, *gy = source->gy;
     const long T = source->tiles, coutp = source->coutp;
+    const int nq = 1 + 2 * d + 4;
     const long per_block = SPEC_BLOCK(d, sizes);
     long toff[3];
     FN(work) w;
@@ -249,7 +254,7 @@ static int SPEC_BACKWARD(const REAL *fac, const struct FN(spectrum_grad) * sourc
         int nn[GROUP];
         for (int g = 0; g < count; g++) {
             REAL *spec = specs + g * per_block;
-            nn[g] = SPEC_PREPARE(fac, pairs, cin, cout, d, k, sizes, toff, tab, g0 + g, &w, spec, &ii[g], &oo[g]);
+            nn[g] = SPEC_PREPARE(q, e, pairs, cin, cout, d, k, sizes, toff, tab, g0 + g, &w, spec, &ii[g], &oo[g]);
             for (long x = 0; x < 8 * (H + P0 + P1) * BW; x++) spec[acc * BW + x] = 0;
         }
         for (long f0 = 0; f0 < P0; f0++)
@@ -322,7 +327,9 @@ static int SPEC_BACKWARD(const REAL *fac, const struct FN(spectrum_grad) * sourc
                     }
                 }
         for (int g = 0; g < count; g++) {
-            REAL *ap = specs + g * per_block + acc * BW;
+            REAL *spec = specs + g * per_block, *ap = spec + acc * BW;
+            long i, o0; /* the factors again (w holds the last block's) */
+            const int n = SPEC_PREPARE(q, e, pairs, cin, cout, d, k, sizes, toff, tab, g0 + g, &w, spec, &i, &o0);
             /* the taps' coefficients: last axis from A+-, axis 0 from C+- (and axis 1 in 3D) */
             const long tap = 4 * BW; /* FAC(j, a + 1, t, 0) - FAC(j, a, t, 0) */
             for (int t = 0; t < 2; t++) {
@@ -334,7 +341,9 @@ static int SPEC_BACKWARD(const REAL *fac, const struct FN(spectrum_grad) * sourc
                     FN(spectrum_taps_backward)(ap + o_c1p + t * P1 * 2 * BW, ap + o_c1m + t * P1 * 2 * BW, P1, k,
                                                tabs[1], w.dfac + FAC(1, 0, t, 0), tap);
             }
-            STORE(w.dfac, 4L * d * k, pairs, oo[g] * cin + ii[g], cin, nn[g], dfac);
+            FACTORS_BACKWARD(&w, d, k);
+            for (int l = 0; l < n; l++)
+                for (int c = 0; c < nq; c++) dq[c * pairs + (o0 + l) * cin + i] = w.dqs[c * BW + l];
         }
     }
     FLUSH_DENORMALS_END
@@ -342,11 +351,10 @@ static int SPEC_BACKWARD(const REAL *fac, const struct FN(spectrum_grad) * sourc
     return 0;
 }
 
-/* Backward of separable_spectrum: dfac of the pairs in blocks b0 <= block < b1 from grad = dL/dK (layout of
- * out). */
-int FN(separable_spectrum_backward)(const REAL *fac, const REAL *grad, REAL *dfac, long pairs, long cin, long cout,
-                                    int d, int k, const long *sizes, long b0, long b1) {
+/* Backward of gabor_spectrum: dq of the pairs in blocks b0 <= block < b1 from grad = dL/dK (layout of out). */
+int FN(gabor_spectrum_backward)(const REAL *q, const REAL *e, const REAL *grad, REAL *dq, long pairs, long cin,
+                                long cout, int d, int k, const long *sizes, long b0, long b1) {
     const struct FN(spectrum_grad) source = {grad, 0, 0, 0, 0};
-    return SPEC_BACKWARD(fac, &source, dfac, pairs, cin, cout, d, k, sizes, b0, b1, GROUP);
+    return SPEC_BACKWARD(q, e, &source, dq, pairs, cin, cout, d, k, sizes, b0, b1, GROUP);
 }
 
