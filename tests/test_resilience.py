@@ -241,4 +241,7 @@ def test_sigkill_to_a_joblib_multirun_ends_its_workers_and_their_runs(workdir: P
     assert left == [], "the launcher's workers outlived it"
     _, runs = runs_of(workdir, "orphans")
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert children and all(r.info.status == "KILLED" for r in children), [r.info.status for r in children]
+    # KILLED by the watch; a worker that first writes to its dead launcher's pipe fails on it and ends FAILED
+    # (seen once under a loaded CI run): either way marked, none left RUNNING
+    statuses = [r.info.status for r in children]
+    assert children and set(statuses) <= {"KILLED", "FAILED"} and "KILLED" in statuses, statuses
