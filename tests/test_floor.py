@@ -38,7 +38,8 @@ def test_floor_is_scored_like_a_model():
     table = evaluate(
         TemplatePredictor(template, 3), loader, num_classes=3, roi_size=[2, 2], device=torch.device("cpu")
     )
-    # label 1: predicted {(0,1)}, true {(0,0),(0,1)}: 2*1/(1+2); label 2: predicted {(1,0),(1,1)}, true {(1,0)}
+    # label 1: predicted {(0,1)}, true {(0,0),(0,1)}: 2*1/(1+2)
+    # label 2: predicted {(1,0),(1,1)}, true {(1,0)}: 2*1/(2+1)
     means = foreground_means(table.values, ["bg", "a", "b"], "floor")
     assert math.isclose(means["floor/dice/a"], 2 / 3, rel_tol=1e-6)
     assert math.isclose(means["floor/dice/b"], 2 / 3, rel_tol=1e-6)

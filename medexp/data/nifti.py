@@ -56,7 +56,7 @@ class NiftiDataset:
         shape: spatial size after preprocessing (paper: 128^3); 2 sizes when spatial_dims=2.
         spacing: isotropic voxel size in mm to resample to (a number, or one per axis); None keeps the grid.
         orientation: axis codes to reorient to (default RAS), None keeps the stored axis order.
-        normalize: "zscore" (medexp's default; Wong & Moradi do not say), "zscore_nonzero", "minmax" ([0, 1], NeRD) or "none".
+        normalize: "zscore" (not stated by Wong & Moradi), "zscore_nonzero", "minmax" (NeRD) or "none".
         fit: how the resampled image reaches `shape`: "pad_resize" (zero-pad to its aspect ratio, then
             resize; Wong & Moradi 3.1), "crop" (centre crop, padding where smaller; NeRD 3.2) or "resize"
             (straight resize; Nair et al.); see medexp.data.transforms.fit_to_target.
