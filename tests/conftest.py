@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -46,3 +47,26 @@ def store_uri(cwd: Path) -> str:
 def workdir(tmp_path_factory) -> Path:
     """One scratch folder (and MLflow store) shared by the end-to-end tests of a session."""
     return tmp_path_factory.mktemp("medexp-e2e")
+
+
+@contextlib.contextmanager
+def tracking(uri: str):
+    """mlflow's fluent API on `uri` inside the block (the default store of this process afterwards)."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+class Payload:
+    """Unpickling this calls os.system(command): what a crafted checkpoint or model file would do on load."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))

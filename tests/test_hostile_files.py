@@ -12,7 +12,6 @@ The MLflow-model attacks are in tests/test_model_store.py.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import run_medexp
+from conftest import Payload, run_medexp
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
@@ -73,16 +72,6 @@ def hostile_yaml(config_yaml: str, kind: str, marker: Path) -> str:
     else:
         data["kernel"] = KERNELS[kind](marker)
     return yaml.safe_dump(data)
-
-
-class Payload:
-    """Unpickling this calls os.system(command): what a crafted checkpoint would do on torch.load."""
-
-    def __init__(self, command: str) -> None:
-        self.command = command
-
-    def __reduce__(self):
-        return (os.system, (self.command,))
 
 
 @pytest.fixture(scope="module")

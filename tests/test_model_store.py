@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import Payload, tracking
 from mlflow.tracking import MlflowClient
 from packaging.requirements import Requirement
 from test_hostile_files import PAYLOADS, hostile_yaml
@@ -41,26 +42,6 @@ from medexp.tracking.models import DATA_DIR, load_segmenter, log_model
 
 pytestmark = pytest.mark.slow  # logs an MLflow model into a sqlite store and predicts with it several times
 SHAPE = [16, 16, 16]
-
-
-@contextlib.contextmanager
-def tracking(uri: str):
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
-
-
-class Payload:
-    """Unpickling this calls os.system(command)."""
-
-    def __init__(self, command: str) -> None:
-        self.command = command
-
-    def __reduce__(self):
-        return (os.system, (self.command,))
 
 
 @pytest.fixture(scope="module")

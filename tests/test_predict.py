@@ -3,7 +3,6 @@ leave behind: nothing in the working directory, a quiet console and a job.log, M
 tags and dataset inputs, an MLflow model (weights only, with signature and input example) that predicts
 from the store alone; and `medexp predict` reproducing the run's test Dice."""
 
-import contextlib
 import csv
 import getpass
 import json
@@ -19,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, run_medexp
+from conftest import TINY, run_medexp, tracking
 from mlflow.tracking import MlflowClient
 
 from medexp.data.demo import make_case
@@ -80,17 +79,6 @@ def test_run_carries_source_user_commit_and_its_dataset(demo_run):
     sizes = {k: json.loads(d.profile)["num_rows"] for k, d in inputs.items()}
     assert sizes == {"training": 5, "validation": 1, "test": 2}, "8 cases split 60/10/30"
     assert json.loads(inputs["test"].source)["uri"] == str(demo_run.data)
-
-
-@contextlib.contextmanager
-def tracking(uri: str):
-    """mlflow's fluent API on `uri` inside the block (the default store of this process afterwards)."""
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def test_model_is_weights_only_with_signature_and_example(demo_run):
