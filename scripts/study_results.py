@@ -68,11 +68,12 @@ def _row(client, run) -> dict:
     history = client.get_metric_history(run.info.run_id, "val/dice_mean")
     by_epoch = {m.step: m.value for m in history}
     curve = [by_epoch.get(e, math.nan) for e in range(1, max(by_epoch, default=0) + 1)]
+    best = best_epoch(curve)  # the checkpoint the run kept (NaN epochs never chosen)
     row = {
         "run_id": run.info.run_id, "sweep_id": tags.get("sweep_id", ""), "kernel": tags["kernel"],
         "loss": tags.get("loss", ""), "lr": tags.get("lr", ""), "split": tags.get("split", ""),
         "status": run.info.status, "diverged": tags.get("diverged", ""), "epochs": len(curve),
-        "best_epoch": best_epoch(curve) or "", "best_val_dice": max(curve, default=math.nan),
+        "best_epoch": best or "", "best_val_dice": curve[best - 1] if best else math.nan,
         "converged": is_converged(curve), "test_dice": metrics.get("test/dice_mean", math.nan),
         "floor_dice": metrics.get("floor/dice_mean", math.nan),
         "num_parameters": run.data.params.get("model.num_parameters", ""),

@@ -181,7 +181,7 @@ def _train(cfg, ctx: dist.DistContext, output_dir: Path, job: dict, tracker: Run
     result: dict[str, Any] = {"run_id": run_id, "status": "diverged" if diverged_at else "finished"}
     if ctx.is_main:
         record = {"diverged_at": diverged_at, "train_seconds": seconds, "in_sync": in_sync, "uri": uri}
-        result.update(_finish(cfg, ctx, training, data, output_dir, tracker, record))
+        _finish(cfg, ctx, training, data, output_dir, tracker, record, result)
     dist.barrier(ctx)
     return result
 
@@ -302,11 +302,13 @@ def _validate_and_save(
     return improved
 
 
-def _finish(cfg, ctx, training: Training, data: JobData, output_dir: Path, tracker, record: dict) -> dict:
+def _finish(
+    cfg, ctx, training: Training, data: JobData, output_dir: Path, tracker, record: dict, result: dict
+):
     """Rank 0 after the epochs: test the best checkpoint, the floor, the MLflow model, plots and tags; the
-    run FINISHED and its result.yaml written."""
+    run FINISHED, and the job's `result` (run id, status) completed and written to result.yaml."""
     model, info, diverged_at = training.model, data.info, record["diverged_at"]
-    result = _test(cfg, model, data, ctx, output_dir / "checkpoints", output_dir, tracker)
+    result.update(_test(cfg, model, data, ctx, output_dir / "checkpoints", output_dir, tracker))
     result.update(_floor(cfg, data, tracker))
     if "test" in result and cfg.tracking.get("log_model", True):
         # the best checkpoint's weights (loaded by _test) as the run's MLflow model, no optimiser state
@@ -324,14 +326,12 @@ def _finish(cfg, ctx, training: Training, data: JobData, output_dir: Path, track
     tags.update(ranks_in_sync=str(record["in_sync"]).lower(), world_size=ctx.world_size)
     tracker.set_tags({**tags, **({"diverged_epoch": diverged_at} if diverged_at else {})})
     tracker.finish("FINISHED")
-    status = "diverged" if diverged_at else "finished"
     result.update(epoch=diverged_at or cfg.trainer.max_epochs, train_seconds=round(seconds, 1))
-    result.update(output_dir=str(output_dir), run_id=tracker.run_id, status=status)
+    result["output_dir"] = str(output_dir)
     (output_dir / RESULT_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(result)))
     print_result(result, record["uri"], output_dir)
     means = {k: v for k, v in result.get("test", {}).items() if k.endswith("_mean")}
-    log.info("%s after %s epoch(s): %s", status, result["epoch"], _fmt(means))
-    return result
+    log.info("%s after %s epoch(s): %s", result["status"], result["epoch"], _fmt(means))
 
 
 def _fmt(metrics: dict[str, float]) -> str:
